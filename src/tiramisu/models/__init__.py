@@ -1,0 +1,23 @@
+"""Model zoo: FC-DenseNet segmenters and DenseNet classifiers sharing one dense block."""
+
+from .densenet import DenseNet, Transition
+from .fcdensenet import FCDenseNet, TransitionDown, TransitionUp, center_crop
+from .layers import DenseBlock, DenseLayer, he_uniform_, set_memory_efficient
+from .registry import create_model, list_models, model_info, register_model
+
+__all__ = [
+    "DenseBlock",
+    "DenseLayer",
+    "DenseNet",
+    "FCDenseNet",
+    "Transition",
+    "TransitionDown",
+    "TransitionUp",
+    "center_crop",
+    "create_model",
+    "he_uniform_",
+    "list_models",
+    "model_info",
+    "register_model",
+    "set_memory_efficient",
+]

@@ -1,0 +1,223 @@
+"""FC-DenseNet (Jégou et al., 2017), after the official Lasagne code where the paper is vague."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .layers import DenseBlock, he_uniform_
+
+Upsampling = Literal["transposed", "bilinear"]
+
+
+class TransitionDown(nn.Sequential):
+    """BN -> ReLU -> 1x1 conv (same width, no compression) -> dropout -> 2x2 max-pool."""
+
+    def __init__(self, channels: int, dropout: float = 0.2) -> None:
+        super().__init__(
+            nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(channels, channels, 1, bias=True),
+            nn.Dropout(dropout),
+            nn.MaxPool2d(2),
+        )
+        self.out_channels = channels
+
+
+def center_crop(x: Tensor, size: Sequence[int]) -> Tensor:
+    h, w = x.shape[-2:]
+    th, tw = size
+    top, left = (h - th) // 2, (w - tw) // 2
+    return x[..., top : top + th, left : left + tw]
+
+
+class TransitionUp(nn.Module):
+    """Upsample the previous block's new maps by 2, match the skip's size, concatenate.
+
+    ``transposed`` is the paper's 3x3 stride-2 transposed conv without padding: it gives
+    2n+1 pixels, which the centre crop trims to the skip's size (this is what lets any input
+    size >= 2**depth work without padding). ``bilinear`` resizes straight to the skip's size and
+    then applies a 3x3 conv with the same parameter count, avoiding checkerboard artefacts.
+    """
+
+    def __init__(self, channels: int, mode: Upsampling = "transposed") -> None:
+        super().__init__()
+        if mode not in ("transposed", "bilinear"):
+            raise ValueError(f"upsampling must be 'transposed' or 'bilinear', got {mode!r}")
+        self.mode = mode
+        self.channels = channels
+        if mode == "transposed":
+            self.conv: nn.Module = nn.ConvTranspose2d(channels, channels, 3, stride=2, bias=True)
+        else:
+            self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=True)
+
+    def forward(self, x: Tensor, skip: Tensor) -> Tensor:
+        size = skip.shape[-2:]
+        if self.mode == "transposed":
+            x = center_crop(self.conv(x), size)
+        else:
+            x = self.conv(F.interpolate(x, size=size, mode="bilinear", align_corners=False))
+        return torch.cat([x, skip], 1)
+
+
+class FCDenseNet(nn.Module):
+    """Fully convolutional DenseNet for semantic segmentation.
+
+    Channel bookkeeping (FC-DenseNet103, k=16): 48 after the first conv; each down block adds
+    n*k and keeps its input (112, 192, 304, 464, 656); the bottleneck's 15*16=240 new maps are
+    upsampled and concatenated with the skips; the last up block's full stack (256 maps) feeds the
+    1x1 classifier.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        num_classes: int = 11,
+        growth_rate: int = 16,
+        down_blocks: Sequence[int] = (4, 5, 7, 10, 12),
+        bottleneck_layers: int = 15,
+        up_blocks: Sequence[int] | None = None,
+        first_conv_channels: int = 48,
+        dropout: float = 0.2,
+        upsampling: Upsampling = "transposed",
+        memory_efficient: bool = False,
+    ) -> None:
+        super().__init__()
+        down_blocks = tuple(int(n) for n in down_blocks)
+        up_blocks = tuple(
+            int(n) for n in (up_blocks if up_blocks is not None else down_blocks[::-1])
+        )
+        if len(up_blocks) != len(down_blocks):
+            raise ValueError(
+                f"up_blocks must have as many entries as down_blocks ({len(down_blocks)}), "
+                f"got {len(up_blocks)}"
+            )
+        if not down_blocks:
+            raise ValueError("down_blocks must name at least one block")
+        self.config: dict[str, Any] = {
+            "in_channels": in_channels,
+            "num_classes": num_classes,
+            "growth_rate": growth_rate,
+            "down_blocks": list(down_blocks),
+            "bottleneck_layers": bottleneck_layers,
+            "up_blocks": list(up_blocks),
+            "first_conv_channels": first_conv_channels,
+            "dropout": dropout,
+            "upsampling": upsampling,
+            "memory_efficient": memory_efficient,
+        }
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        block_kwargs = {"dropout": dropout, "conv_bias": True, "memory_efficient": memory_efficient}
+
+        self.first_conv = nn.Conv2d(in_channels, first_conv_channels, 3, padding=1, bias=True)
+        channels = first_conv_channels
+        skip_channels = []
+        self.down_blocks = nn.ModuleList()
+        self.trans_down = nn.ModuleList()
+        for n in down_blocks:
+            block = DenseBlock(n, channels, growth_rate, keep_input=True, **block_kwargs)
+            channels = block.out_channels
+            skip_channels.append(channels)
+            self.down_blocks.append(block)
+            self.trans_down.append(TransitionDown(channels, dropout))
+
+        self.bottleneck = DenseBlock(
+            bottleneck_layers, channels, growth_rate, keep_input=False, **block_kwargs
+        )
+        upsample_channels = self.bottleneck.new_channels
+
+        self.trans_up = nn.ModuleList()
+        self.up_blocks = nn.ModuleList()
+        for i, (n, skip) in enumerate(zip(up_blocks, reversed(skip_channels), strict=True)):
+            self.trans_up.append(TransitionUp(upsample_channels, upsampling))
+            last = i == len(up_blocks) - 1
+            block = DenseBlock(
+                n, upsample_channels + skip, growth_rate, keep_input=last, **block_kwargs
+            )
+            self.up_blocks.append(block)
+            upsample_channels = block.new_channels
+        self.classifier = nn.Conv2d(self.up_blocks[-1].out_channels, num_classes, 1, bias=True)
+        he_uniform_(self)
+
+    def stages(self) -> list[tuple[str, str, int]]:
+        """(module name, description, feature maps) per stage, in forward order."""
+        rows = [("first_conv", "3x3 conv", self.first_conv.out_channels)]
+        for i, (block, down) in enumerate(zip(self.down_blocks, self.trans_down, strict=True)):
+            rows.append(
+                (
+                    f"down_blocks.{i}",
+                    f"dense block, {len(block.layers)} layers",
+                    block.stack_channels,
+                )
+            )
+            rows.append(
+                (f"trans_down.{i}", "transition down: 1x1 conv, 2x2 max-pool", down.out_channels)
+            )
+        rows.append(
+            (
+                "bottleneck",
+                f"dense block, {len(self.bottleneck.layers)} layers (bottleneck)",
+                self.bottleneck.stack_channels,
+            )
+        )
+        upsampler = (
+            "3x3 transposed conv, stride 2"
+            if self.config["upsampling"] == "transposed"
+            else "bilinear x2 + 3x3 conv"
+        )
+        for i, (_up, block) in enumerate(zip(self.trans_up, self.up_blocks, strict=True)):
+            rows.append(
+                (
+                    f"trans_up.{i}",
+                    f"transition up: {upsampler}, crop, concat skip",
+                    block.in_channels,
+                )
+            )
+            rows.append(
+                (f"up_blocks.{i}", f"dense block, {len(block.layers)} layers", block.stack_channels)
+            )
+        rows.append(("classifier", "1x1 conv", self.num_classes))
+        return rows
+
+    def skip_connections(self) -> list[tuple[str, str]]:
+        """(source stage, destination stage) for every skip connection."""
+        n = len(self.down_blocks)
+        return [(f"down_blocks.{i}", f"trans_up.{n - 1 - i}") for i in range(n)]
+
+    @property
+    def min_size(self) -> int:
+        """Smallest height/width that survives every 2x2 pooling with at least one pixel."""
+        return 2 ** len(self.down_blocks)
+
+    def check_input(self, x: Tensor) -> None:
+        shape = tuple(x.shape)
+        if x.dim() != 4:
+            raise ValueError(f"expected a 4-D input (N, C, H, W), got shape {shape}")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"expected {self.in_channels} input channels, got shape {shape} "
+                f"({x.shape[1]} channels)"
+            )
+        if min(x.shape[-2:]) < self.min_size:
+            raise ValueError(
+                f"input height and width must be at least {self.min_size} for "
+                f"{len(self.down_blocks)} poolings, got shape {shape}"
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.check_input(x)
+        x = self.first_conv(x)
+        skips = []
+        for block, down in zip(self.down_blocks, self.trans_down, strict=True):
+            x = block(x)
+            skips.append(x)
+            x = down(x)
+        x = self.bottleneck(x)
+        for up, block, skip in zip(self.trans_up, self.up_blocks, reversed(skips), strict=True):
+            x = block(up(x, skip))
+        return self.classifier(x)

@@ -1,0 +1,162 @@
+"""The dense layer and dense block shared by FC-DenseNet and the DenseNet classifiers.
+
+A dense layer sees the concatenation of everything before it in its block and adds
+``growth_rate`` new feature maps. The two model families differ only in details that are
+parameters here: the 1x1 bottleneck (DenseNet-B), whether convolutions carry a bias
+(FC-DenseNet's official code does, DenseNet's does not) and dropout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+
+class DenseLayer(nn.Module):
+    """BN -> ReLU -> [1x1 conv (bottleneck) -> BN -> ReLU] -> 3x3 conv -> dropout.
+
+    ``forward`` takes the list of feature maps produced so far in the block so that the
+    concatenation happens inside the layer, where ``memory_efficient`` can recompute it.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        growth_rate: int,
+        *,
+        bottleneck_width: int | None = None,
+        dropout: float = 0.0,
+        conv_bias: bool = False,
+        memory_efficient: bool = False,
+    ) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.growth_rate = growth_rate
+        self.dropout = dropout
+        self.memory_efficient = memory_efficient
+        self.norm1 = nn.BatchNorm2d(in_channels)
+        self.relu1 = nn.ReLU(inplace=True)
+        if bottleneck_width is not None:
+            inner = bottleneck_width * growth_rate
+            self.conv1: nn.Conv2d | None = nn.Conv2d(in_channels, inner, 1, bias=conv_bias)
+            self.norm2: nn.BatchNorm2d | None = nn.BatchNorm2d(inner)
+            self.relu2: nn.ReLU | None = nn.ReLU(inplace=True)
+        else:
+            inner = in_channels
+            self.conv1 = self.norm2 = self.relu2 = None
+        self.conv2 = nn.Conv2d(inner, growth_rate, 3, padding=1, bias=conv_bias)
+
+    def _pre_conv(self, *features: Tensor) -> Tensor:
+        x = torch.cat(features, 1) if len(features) > 1 else features[0]
+        x = self.relu1(self.norm1(x))
+        if self.conv1 is not None:
+            assert self.norm2 is not None and self.relu2 is not None
+            x = self.relu2(self.norm2(self.conv1(x)))
+        return x
+
+    def _pre_dropout(self, *features: Tensor) -> Tensor:
+        return self.conv2(self._pre_conv(*features))
+
+    def forward(self, features: Sequence[Tensor]) -> Tensor:
+        needs_grad = torch.is_grad_enabled() and any(f.requires_grad for f in features)
+        if self.memory_efficient and needs_grad:
+            if self.conv1 is not None:
+                # DenseNet-B: the 1x1 conv shrinks the concatenation to 4k maps, so only the
+                # cheap concat-BN-ReLU-1x1 part is recomputed in backward.
+                x = checkpoint(self._pre_conv, *features, use_reentrant=False)
+                x = self.conv2(x)
+            else:
+                # No bottleneck: the 3x3 conv's input is the full concatenation, so the conv
+                # has to be inside the recomputed region, or its saved input is the quadratic
+                # pile we are avoiding.
+                x = checkpoint(self._pre_dropout, *features, use_reentrant=False)
+        else:
+            x = self._pre_dropout(*features)
+        if self.dropout > 0:
+            x = F.dropout(x, self.dropout, self.training)
+        return x
+
+
+class DenseBlock(nn.Module):
+    """``num_layers`` dense layers; output is ``[input, new maps]`` or only the new maps.
+
+    FC-DenseNet's down path keeps the block input (``keep_input=True``); its bottleneck and up
+    path pass only the ``num_layers * growth_rate`` new maps upward to avoid a feature explosion.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        in_channels: int,
+        growth_rate: int,
+        *,
+        keep_input: bool = True,
+        bottleneck_width: int | None = None,
+        dropout: float = 0.0,
+        conv_bias: bool = False,
+        memory_efficient: bool = False,
+    ) -> None:
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"a dense block needs at least one layer, got {num_layers}")
+        self.in_channels = in_channels
+        self.growth_rate = growth_rate
+        self.keep_input = keep_input
+        self.layers = nn.ModuleList(
+            DenseLayer(
+                in_channels + i * growth_rate,
+                growth_rate,
+                bottleneck_width=bottleneck_width,
+                dropout=dropout,
+                conv_bias=conv_bias,
+                memory_efficient=memory_efficient,
+            )
+            for i in range(num_layers)
+        )
+
+    @property
+    def new_channels(self) -> int:
+        return len(self.layers) * self.growth_rate
+
+    @property
+    def stack_channels(self) -> int:
+        """Channels of the full stack (input plus every new map), the paper's "m"."""
+        return self.in_channels + self.new_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.stack_channels if self.keep_input else self.new_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        features = [x]
+        for layer in self.layers:
+            features.append(layer(features))
+        return torch.cat(features if self.keep_input else features[1:], 1)
+
+
+def set_memory_efficient(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Switch every dense layer of ``model`` between the naive and the recomputing path."""
+    for module in model.modules():
+        if isinstance(module, DenseLayer):
+            module.memory_efficient = enabled
+    return model
+
+
+def he_uniform_(model: nn.Module) -> None:
+    """He-uniform (ReLU gain) weights and zero biases on every conv and transposed conv.
+
+    For ``ConvTranspose2d`` PyTorch's fan-in is computed from dim 1 (the output channels) times
+    the kernel area, which is also what the official Lasagne code's ``HeUniform`` used.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
+            nn.init.kaiming_uniform_(m.weight, mode="fan_in", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

@@ -1,0 +1,266 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import tiramisu
+from tiramisu.models import DenseBlock, DenseLayer, FCDenseNet, TransitionUp
+
+
+def n_trainable(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters() if p.requires_grad)
+
+
+def n_with_running_stats(m: nn.Module) -> int:
+    return n_trainable(m) + sum(
+        b.numel() for name, b in m.named_buffers() if not name.endswith("num_batches_tracked")
+    )
+
+
+@pytest.mark.parametrize(
+    "name, trainable, with_stats",
+    [
+        ("fcdensenet56", 1_376_795, 1_397_963),
+        ("fcdensenet67", 3_463_243, 3_502_923),
+        ("fcdensenet103", 9_322_091, 9_425_163),
+    ],
+)
+def test_fcdensenet_parameter_counts_match_the_brief(name, trainable, with_stats):
+    model = tiramisu.create_model(name, num_classes=11)
+    assert n_trainable(model) == trainable
+    assert n_with_running_stats(model) == with_stats
+
+
+def test_fcdensenet103_channel_sequence():
+    model = tiramisu.create_model("fcdensenet103")
+    assert model.first_conv.out_channels == 48
+    assert [b.stack_channels for b in model.down_blocks] == [112, 192, 304, 464, 656]
+    assert model.bottleneck.stack_channels == 896
+    assert model.bottleneck.out_channels == 15 * 16  # only the new maps go up
+    assert [b.stack_channels for b in model.up_blocks] == [1088, 816, 576, 384, 256]
+    assert model.classifier.in_channels == 256
+    # Transposed convs act on the previous block's new maps only: n*k in and out.
+    ups = [tu.conv for tu in model.trans_up]
+    assert [(c.in_channels, c.out_channels) for c in ups] == [
+        (240, 240),
+        (192, 192),
+        (160, 160),
+        (112, 112),
+        (80, 80),
+    ]
+
+
+def test_dense_connectivity_each_layer_sees_all_earlier_maps():
+    block = DenseBlock(5, 10, 3, keep_input=True)
+    assert [layer.norm1.num_features for layer in block.layers] == [10, 13, 16, 19, 22]
+    assert [layer.conv2.in_channels for layer in block.layers] == [10, 13, 16, 19, 22]
+    x = torch.randn(2, 10, 8, 8)
+    out = block(x)
+    assert out.shape == (2, 25, 8, 8)
+    torch.testing.assert_close(out[:, :10], x)  # the input is passed through unchanged
+    assert DenseBlock(5, 10, 3, keep_input=False)(x).shape == (2, 15, 8, 8)
+
+
+def test_dense_layer_output_depends_on_every_earlier_feature():
+    layer = DenseLayer(6, 4).eval()
+    feats = [torch.randn(1, 2, 5, 5, requires_grad=True) for _ in range(3)]
+    layer(feats).sum().backward()
+    assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in feats)
+
+
+@pytest.mark.parametrize("size", [(32, 32), (97, 131), (64, 33), (360, 480)])
+def test_output_has_input_size(size):
+    model = tiramisu.create_model("fcdensenet56", num_classes=5).eval()
+    if size == (360, 480):  # a smaller model keeps the full-frame case fast
+        model = FCDenseNet(
+            growth_rate=4,
+            down_blocks=(1,) * 5,
+            bottleneck_layers=1,
+            first_conv_channels=8,
+            num_classes=5,
+        ).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, *size))
+    assert out.shape == (1, 5, *size)
+
+
+def test_bilinear_variant_same_params_and_shapes():
+    t = tiramisu.create_model("fcdensenet56")
+    b = tiramisu.create_model("fcdensenet56", upsampling="bilinear")
+    assert n_trainable(b) == n_trainable(t)
+    assert isinstance(b.trans_up[0].conv, nn.Conv2d)
+    with torch.no_grad():
+        assert b.eval()(torch.randn(2, 3, 97, 131)).shape == (2, 11, 97, 131)
+
+
+def test_transition_up_crops_to_the_skip_centre():
+    tu = TransitionUp(4, "transposed")
+    x, skip = torch.randn(1, 4, 11, 15), torch.randn(1, 6, 22, 30)
+    up = tu.conv(x)
+    assert up.shape[-2:] == (23, 31)
+    out = tu(x, skip)
+    assert out.shape == (1, 10, 22, 30)
+    torch.testing.assert_close(out[:, :4], up[..., 0:22, 0:30])
+    torch.testing.assert_close(out[:, 4:], skip)
+
+
+@pytest.mark.parametrize(
+    "shape, message",
+    [
+        ((1, 3, 31, 64), "at least 32"),
+        ((1, 3, 64, 16), "at least 32"),
+        ((1, 1, 64, 64), "3 input channels"),
+        ((3, 64, 64), "4-D"),
+    ],
+)
+def test_bad_input_shapes_raise_value_error_naming_the_shape(shape, message):
+    model = tiramisu.create_model("fcdensenet56")
+    with pytest.raises(ValueError, match=message) as info:
+        model(torch.randn(*shape))
+    assert str(tuple(shape)) in str(info.value)
+
+
+def test_greyscale_model():
+    model = tiramisu.create_model("fcdensenet56", in_channels=1, num_classes=2).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 1, 40, 50)).shape == (1, 2, 40, 50)
+
+
+def test_he_uniform_init():
+    model = tiramisu.create_model("fcdensenet103")
+    conv = model.up_blocks[0].layers[5].conv2  # fan_in = C * 9
+    bound = math.sqrt(6 / (conv.in_channels * 9))
+    w = conv.weight.detach()
+    assert w.abs().max() <= bound
+    assert w.abs().max() > 0.98 * bound  # uniform on [-b, b]: the extremes are reached
+    assert abs(w.std().item() - bound / math.sqrt(3)) < 0.02 * bound
+    assert torch.count_nonzero(conv.bias) == 0
+    tconv = model.trans_up[0].conv
+    tbound = math.sqrt(6 / (tconv.out_channels * 9))
+    assert tconv.weight.abs().max() <= tbound
+    assert abs(tconv.weight.std().item() - tbound / math.sqrt(3)) < 0.02 * tbound
+
+
+def test_gradient_reaches_the_first_layer():
+    model = tiramisu.create_model("fcdensenet56", num_classes=3)
+    out = model(torch.randn(2, 3, 32, 32))
+    loss = nn.functional.cross_entropy(out, torch.randint(0, 3, (2, 32, 32)))
+    loss.backward()
+    g = model.first_conv.weight.grad
+    assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+def test_configurable_fcdensenet():
+    model = FCDenseNet(
+        in_channels=4,
+        num_classes=2,
+        growth_rate=8,
+        down_blocks=(2, 3, 4),
+        bottleneck_layers=5,
+        up_blocks=(1, 2, 3),
+        first_conv_channels=16,
+        dropout=0.0,
+    )
+    assert [len(b.layers) for b in model.up_blocks] == [1, 2, 3]
+    assert model.min_size == 8
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 4, 9, 17)).shape == (1, 2, 9, 17)
+    with pytest.raises(ValueError, match="up_blocks"):
+        FCDenseNet(down_blocks=(2, 2), up_blocks=(2,))
+
+
+@pytest.mark.parametrize(
+    "name, millions",
+    [
+        ("densenet40_k12", 1.0),
+        ("densenet100_k12", 7.0),
+        ("densenet_bc100_k12", 0.8),
+        ("densenet_bc250_k24", 15.3),
+        ("densenet_bc190_k40", 25.6),
+    ],
+)
+def test_cifar_densenet_counts_round_to_the_paper(name, millions):
+    model = tiramisu.create_model(name, num_classes=10)
+    assert round(n_trainable(model) / 1e6, 1) == millions
+
+
+@pytest.mark.parametrize("name", ["densenet121", "densenet161", "densenet169", "densenet201"])
+def test_imagenet_densenet_counts_equal_torchvision(name):
+    torchvision = pytest.importorskip("torchvision")
+    ours = tiramisu.create_model(name)
+    theirs = getattr(torchvision.models, name)(weights=None)
+    assert n_trainable(ours) == n_trainable(theirs)
+    assert n_with_running_stats(ours) == n_with_running_stats(theirs)
+
+
+def test_densenet_variants_b_and_c():
+    plain = tiramisu.DenseNet((3, 3, 3), growth_rate=4, num_init_features=8)
+    b = tiramisu.DenseNet((3, 3, 3), growth_rate=4, num_init_features=8, bottleneck_width=4)
+    c = tiramisu.DenseNet((3, 3, 3), growth_rate=4, num_init_features=8, compression=0.5)
+    assert plain.blocks[0].layers[0].conv1 is None
+    assert b.blocks[0].layers[0].conv1.out_channels == 16
+    # 8 + 3*4 = 20 maps after block 0: C keeps floor(0.5 * 20) = 10, plain keeps all 20.
+    assert plain.transitions[0].out_channels == 20
+    assert c.transitions[0].out_channels == 10
+    assert c.blocks[1].in_channels == 10
+    for m in (plain, b, c):
+        assert m.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_densenet_shares_the_segmenters_dense_layer():
+    seg = tiramisu.create_model("fcdensenet56")
+    cls = tiramisu.create_model("densenet40_k12")
+    assert type(seg.down_blocks[0]) is type(cls.blocks[0]) is DenseBlock
+    assert seg.down_blocks[0].layers[0].conv2.bias is not None  # official FC-DenseNet code
+    assert cls.blocks[0].layers[0].conv2.bias is None
+
+
+def test_registry():
+    names = tiramisu.list_models()
+    assert {"fcdensenet56", "fcdensenet67", "fcdensenet103", "densenet121"} <= set(names)
+    assert tiramisu.list_models("fcdensenet*") == ["fcdensenet103", "fcdensenet56", "fcdensenet67"]
+    m = tiramisu.create_model("fcdensenet67", num_classes=4, dropout=0.0)
+    assert m.classifier.out_channels == 4 and m.config["dropout"] == 0.0
+    with pytest.raises(ValueError, match="unknown model"):
+        tiramisu.create_model("fcdensenet42")
+    with pytest.raises(ValueError, match="cannot build"):
+        tiramisu.create_model("fcdensenet56", not_a_parameter=1)
+
+
+def test_memory_efficient_matches_naive_outputs_and_gradients():
+    torch.manual_seed(0)
+    naive = FCDenseNet(
+        growth_rate=4,
+        down_blocks=(2, 2),
+        bottleneck_layers=2,
+        first_conv_channels=8,
+        num_classes=3,
+        dropout=0.0,
+    )
+    efficient = FCDenseNet(**{**naive.config, "memory_efficient": True})
+    efficient.load_state_dict(naive.state_dict())
+    x = torch.randn(2, 3, 20, 24)
+    outs, grads = [], []
+    for m in (naive, efficient):
+        m.train()
+        y = m(x)
+        y.square().mean().backward()
+        outs.append(y.detach())
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
+    torch.testing.assert_close(outs[0], outs[1])
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6)
+    bc = tiramisu.DenseNet((2, 2), growth_rate=4, bottleneck_width=4, compression=0.5)
+    bc_eff = tiramisu.DenseNet(**{**bc.config, "memory_efficient": True})
+    bc_eff.load_state_dict(bc.state_dict())
+    x = torch.randn(2, 3, 16, 16)
+    bc.train()
+    bc_eff.train()
+    y0, y1 = bc(x), bc_eff(x)
+    torch.testing.assert_close(y0, y1)
+    y0.sum().backward()
+    y1.sum().backward()
+    torch.testing.assert_close(
+        bc.stem[0].weight.grad, bc_eff.stem[0].weight.grad, rtol=1e-4, atol=1e-6
+    )
