@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from pathlib import Path
 
 from .errors import TiramisuError
 
@@ -40,6 +41,52 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     for name in list_models(args.pattern):
         print(f"{name:22s} {model_info(name)[2]}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .engine import train
+
+    overrides = list(args.set or [])
+    if args.data_root is not None:
+        overrides.append(f"data.root={args.data_root}")
+    if args.epochs is not None:
+        overrides.append(f"train.epochs={args.epochs}")
+    cfg = load_config(args.config, overrides)
+    if args.out is not None:
+        out = Path(args.out)
+    else:
+        out = Path("runs") / (Path(args.config).stem if args.config else cfg["model"]["name"])
+    train(cfg, out, resume=args.resume, device=args.device, quiet=args.quiet)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .checkpoint import load_checkpoint
+    from .engine import evaluate_checkpoint
+
+    ckpt = load_checkpoint(args.checkpoint)
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval_{args.split}"
+    evaluate_checkpoint(ckpt, args.split, data_root=args.data_root, out_dir=out,
+                        json_path=Path(args.json) if args.json else None, device=args.device)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.out), epochs=args.epochs, device=args.device)
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from .data.download import download_camvid
+
+    if args.dataset != "camvid":
+        raise ValueError(f"unknown dataset {args.dataset!r}")
+    path = download_camvid(args.dir)
+    print(f"CamVid is in {path}")
     return 0
 
 
@@ -82,13 +129,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_summary)
 
-    for register in _EXTRA_COMMANDS:
-        register(sub)
+    p = sub.add_parser("train", help="train a model from a YAML config")
+    p.add_argument("--config", help="YAML config (see configs/); defaults fill the rest")
+    p.add_argument("--data-root", help="dataset folder (sets data.root)")
+    p.add_argument("--out", help="run folder (default runs/CONFIG_NAME)")
+    p.add_argument("--epochs", type=int, help="sets train.epochs")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set train.lr=5e-4 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint on full-size frames")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data-root", help="dataset folder (default: the one the run used)")
+    p.add_argument("--split", default="val", choices=["train", "val", "test"])
+    p.add_argument("--json", help="also write the metrics to this JSON file")
+    p.add_argument("--out", help="folder for the report and confusion matrix")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="train and evaluate on a synthetic dataset (about a minute)")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("download", help="download a dataset (needs internet)")
+    p.add_argument("dataset", choices=["camvid"])
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_download)
     return parser
-
-
-# Later modules (training, inference) add their subcommands here.
-_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
 
 
 def main(argv: Sequence[str] | None = None) -> int:

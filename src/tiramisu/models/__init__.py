@@ -2,13 +2,20 @@
 
 from .densenet import DenseNet, Transition
 from .fcdensenet import FCDenseNet, TransitionDown, TransitionUp, center_crop
-from .layers import DenseBlock, DenseLayer, he_uniform_, set_memory_efficient
+from .layers import (
+    DenseBlock,
+    DenseLayer,
+    batch_statistics,
+    he_uniform_,
+    set_memory_efficient,
+)
 from .registry import create_model, list_models, model_info, register_model
 
 __all__ = [
     "DenseBlock",
     "DenseLayer",
     "DenseNet",
+    "batch_statistics",
     "FCDenseNet",
     "Transition",
     "TransitionDown",

@@ -8,7 +8,8 @@ parameters here: the 1x1 bottleneck (DenseNet-B), whether convolutions carry a b
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -160,3 +161,24 @@ def he_uniform_(model: nn.Module) -> None:
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+@contextmanager
+def batch_statistics(model: nn.Module) -> Iterator[None]:
+    """Evaluate with each batch's own BatchNorm statistics (what the paper's authors did).
+
+    PyTorch's BatchNorm falls back to batch statistics, without updating anything, when it has
+    no running buffers; hiding them for the duration of the block gives exactly that.
+    """
+    saved = []
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+            saved.append((m, m.running_mean, m.running_var))
+            m.running_mean = None
+            m.running_var = None
+    try:
+        yield
+    finally:
+        for m, mean, var in saved:
+            m.running_mean = mean
+            m.running_var = var

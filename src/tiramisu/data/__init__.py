@@ -1,0 +1,117 @@
+"""Datasets, label specifications and augmentation, built from a run configuration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from ..errors import DataError
+from .segmentation import (
+    CAMVID_CLASSES,
+    CAMVID_COLORS,
+    LabelSpec,
+    SegmentationDataset,
+    camvid_labels,
+    camvid_pairs,
+    default_colors,
+    infer_channels,
+    load_palette,
+    median_frequency_weights,
+    pair_by_stem,
+)
+from .synthetic import SYNTHETIC_CLASSES, SYNTHETIC_COLORS, make_synthetic_dataset
+from .transforms import JointTransform, normalization
+
+__all__ = [
+    "CAMVID_CLASSES",
+    "CAMVID_COLORS",
+    "SYNTHETIC_CLASSES",
+    "JointTransform",
+    "LabelSpec",
+    "SegmentationDataset",
+    "build_dataset",
+    "camvid_labels",
+    "label_spec",
+    "make_synthetic_dataset",
+    "median_frequency_weights",
+]
+
+
+def _resolve(root: str | Path | None, path: str | Path | None) -> Path:
+    if path is None:
+        raise DataError("a data path is missing from the config")
+    p = Path(path)
+    return p if p.is_absolute() or root is None else Path(root) / p
+
+
+def label_spec(data: dict[str, Any]) -> LabelSpec:
+    """Classes, colours and void handling for a data config."""
+    kind = data["dataset"]
+    if kind == "camvid":
+        spec = camvid_labels()
+        if data["ignore_index"] is not None:
+            spec.ignore_index = int(data["ignore_index"])
+        return spec
+    ignore = 255 if data["ignore_index"] is None else int(data["ignore_index"])
+    if data["palette"]:
+        spec = load_palette(_resolve(data["root"], data["palette"]), ignore)
+    else:
+        if data["classes"]:
+            classes = [str(c) for c in data["classes"]]
+        elif kind == "synthetic":
+            classes = list(SYNTHETIC_CLASSES)
+        elif data["num_classes"]:
+            classes = [f"class_{i}" for i in range(int(data["num_classes"]))]
+        else:
+            raise DataError("index masks need data.classes (names) or data.num_classes")
+        colors = list(SYNTHETIC_COLORS) if kind == "synthetic" else default_colors(len(classes))
+        spec = LabelSpec(classes, colors, ignore)
+    if data["label_map"]:
+        spec.label_map = {int(k): int(v) for k, v in dict(data["label_map"]).items()}
+    elif spec.palette is None and spec.num_classes == 2 and ignore != 1:
+        # Binary masks are usually stored as 0/255; read 255 as the foreground class.
+        spec.label_map = {255: 1}
+    return spec
+
+
+def split_pairs(data: dict[str, Any], split: str) -> list:
+    root = data["root"]
+    if data["dataset"] == "camvid":
+        if root is None:
+            raise DataError("data.root (or --data-root) must point at the CamVid folder")
+        return camvid_pairs(root, split)
+    images, masks = data.get(f"{split}_images"), data.get(f"{split}_masks")
+    if images is None or masks is None:
+        raise DataError(f"no {split} split configured (data.{split}_images / data.{split}_masks)")
+    return pair_by_stem(_resolve(root, images), _resolve(root, masks))
+
+
+def resolve_channels(data: dict[str, Any]) -> int:
+    channels = data["channels"]
+    if channels != "auto":
+        if int(channels) not in (1, 3, 4):
+            raise DataError(f"data.channels must be 1, 3, 4 or auto, got {channels!r}")
+        return int(channels)
+    if data["dataset"] in ("camvid", "synthetic"):
+        return 3
+    first = split_pairs(data, "train")[0][0]
+    return infer_channels(first)
+
+
+def build_dataset(cfg: dict[str, Any], split: str, train: bool, labels: LabelSpec | None = None,
+                  channels: int | None = None) -> Dataset:
+    data = cfg["data"]
+    labels = labels or label_spec(data)
+    channels = channels or resolve_channels(data)
+    mean, std = normalization(data["normalize"], data["mean"], data["std"])
+    if train:
+        transform = JointTransform(
+            crop_size=data["crop_size"], hflip=data["hflip"], vflip=data["vflip"],
+            scale_range=data["scale_range"], mean=mean, std=std, ignore_index=labels.ignore_index,
+        )
+    else:
+        transform = JointTransform(mean=mean, std=std)
+    return SegmentationDataset(split_pairs(data, split), labels, channels, transform,
+                               cache=bool(data["cache"]))

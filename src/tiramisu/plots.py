@@ -1,0 +1,80 @@
+"""PNG figures for a run folder: training curves and the confusion matrix."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers; must precede pyplot
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _save(fig: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def plot_history(history: list[dict[str, Any]], out_dir: str | Path) -> None:
+    """``loss.png``, ``miou.png`` (or top-1 error for classifiers) and ``accuracy.png``."""
+    out_dir = Path(out_dir)
+    if not history:
+        return
+    x = list(range(1, len(history) + 1))
+
+    def series(key: str) -> list[float]:
+        return [h.get(key, float("nan")) if h.get(key) is not None else float("nan")
+                for h in history]
+
+    def stage_lines(ax: Any) -> None:
+        for i in range(1, len(history)):
+            if history[i]["stage"] != history[i - 1]["stage"]:
+                ax.axvline(i + 0.5, color="grey", ls=":", lw=1)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(x, series("train_loss"), label="train")
+    ax.plot(x, series("val_loss"), label="val")
+    ax.set(xlabel="epoch", ylabel="cross-entropy", title="Loss")
+    ax.legend()
+    stage_lines(ax)
+    _save(fig, out_dir / "loss.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(x, [100 * v for v in series("val_miou")], label="val mean IoU")
+    ax.set(xlabel="epoch", ylabel="%", title="Validation mean IoU")
+    stage_lines(ax)
+    _save(fig, out_dir / "miou.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(x, [100 * v for v in series("val_accuracy")], label="global accuracy")
+    ax.plot(x, [100 * v for v in series("val_mean_class_accuracy")], label="mean class accuracy")
+    ax.set(xlabel="epoch", ylabel="%", title="Validation accuracy")
+    ax.legend()
+    stage_lines(ax)
+    _save(fig, out_dir / "accuracy.png")
+
+
+def plot_confusion(matrix: list[list[int]], classes: list[str], path: str | Path) -> None:
+    """Row-normalised heat map: each row shows where the true class's pixels went."""
+    m = np.asarray(matrix, dtype=np.float64)
+    rows = m.sum(1, keepdims=True)
+    norm = np.divide(m, rows, out=np.zeros_like(m), where=rows > 0)
+    n = len(classes)
+    size = max(4.0, 0.5 * n + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), classes, rotation=60, ha="right")
+    ax.set_yticks(range(n), classes)
+    ax.set(xlabel="predicted", ylabel="true", title="Confusion matrix (row-normalised)")
+    if n <= 20:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if norm[i, j] > 0.5 else "black")
+    fig.colorbar(im, fraction=0.046, pad=0.04)
+    _save(fig, Path(path))
