@@ -58,7 +58,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         out = Path(args.out)
     else:
         out = Path("runs") / (Path(args.config).stem if args.config else cfg["model"]["name"])
-    train(cfg, out, resume=args.resume, device=args.device, quiet=args.quiet)
+    train(cfg, out, resume=args.resume, device=args.device, quiet=args.quiet,
+          resume_overrides=overrides)
     return 0
 
 

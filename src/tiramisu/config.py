@@ -6,12 +6,29 @@ Unknown keys are errors (a typo such as ``train.learning_rate`` must not be sile
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from .errors import TiramisuError
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string; accept it as the float users mean."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
 
 DEFAULTS: dict[str, Any] = {
     "task": "segmentation",  # segmentation | classification
@@ -108,7 +125,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = Path(path)
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = parse_yaml(path.read_text()) or {}
         except OSError as e:
             raise TiramisuError(f"{path}: cannot read config ({e.strerror or e})") from None
         except yaml.YAMLError as e:
@@ -130,7 +147,7 @@ def set_key(cfg: dict[str, Any], item: str) -> None:
         raise TiramisuError(f"--set expects key=value, got {item!r}")
     key, text = item.split("=", 1)
     try:
-        value = yaml.safe_load(text)
+        value = parse_yaml(text)
     except yaml.YAMLError:
         value = text
     parts = key.strip().split(".")

@@ -192,7 +192,13 @@ def evaluate(
             images = to_device(images, device, channels_last)
             targets = targets.to(device, non_blocking=True)
             with autocast_context(device, amp):
-                logits = model(images)
+                if bn_eval == "batch":
+                    # Batch statistics make an image's output depend on its batch-mates; one
+                    # image at a time (the paper's test setting) keeps results independent of
+                    # eval_batch_size and of how torchrun shards the split.
+                    logits = torch.cat([model(images[i : i + 1]) for i in range(len(images))])
+                else:
+                    logits = model(images)
             logits = logits.float()
             if criterion is not None:
                 valid = targets != ignore_index if ignore_index is not None else None
@@ -277,16 +283,22 @@ class History:
 
 # --------------------------------------------------------------------------- training
 def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False,
-          device: str = "auto", quiet: bool = False) -> dict[str, Any]:
-    """Run the configured stages; returns the best model's validation metrics."""
+          device: str = "auto", quiet: bool = False,
+          resume_overrides: list[str] | None = None) -> dict[str, Any]:
+    """Run the configured stages; returns the best model's validation metrics.
+
+    With ``resume=True`` the run's own stored config is used, with ``resume_overrides``
+    (``key=value`` strings, e.g. a larger ``train.epochs``) applied on top.
+    """
     rt = setup_runtime(device)
     try:
-        return _train(cfg, Path(out_dir), resume, rt, quiet)
+        return _train(cfg, Path(out_dir), resume, rt, quiet, resume_overrides or [])
     finally:
         teardown_runtime(rt)
 
 
-def _train(cfg: dict[str, Any], out: Path, resume: bool, rt: Runtime, quiet: bool) -> dict[str, Any]:
+def _train(cfg: dict[str, Any], out: Path, resume: bool, rt: Runtime, quiet: bool,
+           resume_overrides: list[str]) -> dict[str, Any]:
     tcfg = cfg["train"]
     log = (lambda *a: None) if (quiet or not rt.is_main) else print
     ckpt_path, best_path = out / "last.pt", out / "best.pt"
@@ -297,7 +309,11 @@ def _train(cfg: dict[str, Any], out: Path, resume: bool, rt: Runtime, quiet: boo
     if resume and state is None:
         raise TiramisuError(f"{ckpt_path}: nothing to resume")
     if state is not None:
-        cfg = state["config"]  # the run's own config wins over the command line's on resume
+        from .config import set_key
+
+        cfg = state["config"]  # the run's own config, plus what the command line changes
+        for item in resume_overrides:
+            set_key(cfg, item)
         tcfg = cfg["train"]
 
     seed_everything(int(tcfg["seed"]))
@@ -313,6 +329,8 @@ def _train(cfg: dict[str, Any], out: Path, resume: bool, rt: Runtime, quiet: boo
 
     model = build_model_from_cfg(cfg, num_classes, channels).to(rt.device)
     if tcfg["sync_bn"] and rt.distributed:
+        if rt.device.type != "cuda":
+            raise TiramisuError("train.sync_bn needs CUDA: PyTorch's SyncBatchNorm is GPU-only")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if tcfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
@@ -410,7 +428,7 @@ def _train(cfg: dict[str, Any], out: Path, resume: bool, rt: Runtime, quiet: boo
                                       "train_loss": train_loss,
                                       "train_images_per_s": n_images / max(train_time, 1e-9),
                                       "train_time_s": train_time}
-            improved = False
+            improved, m = False, None
             if (epoch + 1) % int(scfg["val_every"]) == 0 or epoch + 1 == epochs:
                 t1 = time.perf_counter()
                 m = evaluate(raw_model, val_loader, num_classes, ignore, rt.device,
@@ -438,6 +456,7 @@ def _train(cfg: dict[str, Any], out: Path, resume: bool, rt: Runtime, quiet: boo
                     "history": history.records, "labels": labels.to_json(),
                     "in_channels": channels, "model_name": cfg["model"]["name"],
                     "model_config": getattr(raw_model, "config", {}),
+                    "val_metrics": m,
                 }
                 if improved:
                     atomic_save(ckpt, best_path)
@@ -542,16 +561,23 @@ def _final_report(cfg: dict[str, Any], data: dict[str, Any], model: nn.Module, o
     best_path = out / "best.pt"
     if rt.distributed:
         dist.barrier()  # rank 0 has finished writing best.pt
-    if best_path.exists():
-        model.load_state_dict(load_checkpoint(best_path, rt.device)["model"])
-    tcfg = cfg["train"]
     labels = data["labels"]
-    loader = _loader(data["val"], int(tcfg["eval_batch_size"]),
-                     ShardSampler(len(data["val"]), rt.rank, rt.world_size), False,
-                     int(cfg["data"]["num_workers"]), rt.device)
-    metrics = evaluate(model, loader, labels.num_classes, labels.ignore_index, rt.device,
-                       bn_eval=tcfg["bn_eval"], amp=tcfg["amp"],
-                       channels_last=tcfg["channels_last"])
+    stored = load_checkpoint(best_path, rt.device) if best_path.exists() else None
+    if stored is not None and stored.get("val_metrics") is not None:
+        # The best epoch's validation pass already measured these weights; evaluation is
+        # deterministic, so re-running it (minutes on CPU for CamVid) would only repeat it.
+        metrics = dict(stored["val_metrics"])
+    else:
+        if stored is not None:
+            model.load_state_dict(stored["model"])
+        tcfg = cfg["train"]
+        loader = _loader(data["val"], int(tcfg["eval_batch_size"]),
+                         ShardSampler(len(data["val"]), rt.rank, rt.world_size), False,
+                         int(cfg["data"]["num_workers"]), rt.device)
+        metrics = evaluate(model, loader, labels.num_classes, labels.ignore_index, rt.device,
+                           bn_eval=tcfg["bn_eval"], amp=tcfg["amp"],
+                           channels_last=tcfg["channels_last"])
+    metrics.pop("loss", None)
     metrics.update(split="val", checkpoint=str(best_path), best_epoch=best["epoch"],
                    best_stage=best["stage"], classes=labels.classes)
     if rt.is_main:
@@ -636,6 +662,7 @@ def evaluate_checkpoint(ckpt: dict[str, Any], split: str, data_root: str | None 
     metrics = evaluate(model, loader, labels.num_classes, labels.ignore_index, dev,
                        bn_eval=tcfg["bn_eval"], amp=tcfg["amp"],
                        channels_last=tcfg["channels_last"], progress=not quiet)
+    metrics.pop("loss", None)
     metrics.update(split=split, classes=labels.classes, epoch=ckpt.get("epoch"),
                    stage=ckpt.get("stage"))
     if out_dir is not None:

@@ -175,7 +175,7 @@ def read_image(path: Path, channels: int) -> np.ndarray:
 def image_to_tensor(arr: np.ndarray) -> torch.Tensor:
     """H x W x C uint8/uint16 -> C x H x W float32 in [0, 1] (the paper's input scaling)."""
     scale = 65535.0 if arr.dtype == np.uint16 else 255.0
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).float().div_(scale)
+    return torch.from_numpy(arr.transpose(2, 0, 1).astype(np.float32)).div_(scale)
 
 
 def read_mask(path: Path, labels: LabelSpec) -> np.ndarray:
