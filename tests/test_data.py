@@ -23,8 +23,9 @@ def write_pair(root, split, name, image, mask, image_ext="png"):
     (root / split / "images").mkdir(parents=True, exist_ok=True)
     (root / split / "masks").mkdir(parents=True, exist_ok=True)
     Image.fromarray(image).save(root / split / "images" / f"{name}.{image_ext}")
-    mask.save(root / split / "masks" / f"{name}.png") if isinstance(mask, Image.Image) else \
-        Image.fromarray(mask).save(root / split / "masks" / f"{name}.png")
+    mask.save(root / split / "masks" / f"{name}.png") if isinstance(
+        mask, Image.Image
+    ) else Image.fromarray(mask).save(root / split / "masks" / f"{name}.png")
 
 
 def folder_cfg(root, **data):
@@ -43,7 +44,7 @@ def test_index_masks_and_rgb_images(tmp_path):
     ds = build_dataset(cfg, "train", train=True)
     ds.validate()
     x, y = ds[0]
-    assert x.shape == (3, 40, 50) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+    assert x.shape == (3, 40, 50) and x.dtype == torch.float32 and x.min() >= 0 and x.max() <= 1
     assert y.dtype == torch.int64 and y[15, 5] == 2 and y[0, 0] == 255
 
 
@@ -99,10 +100,16 @@ def test_16bit_masks_and_greyscale_16bit_images(tmp_path):
 def test_rgba_and_greyscale_inputs_infer_channels(tmp_path):
     from tiramisu.data import resolve_channels
 
-    write_pair(tmp_path / "rgba", "train", "a", np.zeros((32, 32, 4), np.uint8),
-               np.zeros((32, 32), np.uint8))
-    write_pair(tmp_path / "grey", "train", "a", np.zeros((32, 32), np.uint8),
-               np.zeros((32, 32), np.uint8))
+    write_pair(
+        tmp_path / "rgba",
+        "train",
+        "a",
+        np.zeros((32, 32, 4), np.uint8),
+        np.zeros((32, 32), np.uint8),
+    )
+    write_pair(
+        tmp_path / "grey", "train", "a", np.zeros((32, 32), np.uint8), np.zeros((32, 32), np.uint8)
+    )
     assert resolve_channels(folder_cfg(tmp_path / "rgba", num_classes=2)["data"]) == 4
     cfg = folder_cfg(tmp_path / "grey", num_classes=2, crop_size=None)
     assert resolve_channels(cfg["data"]) == 1
@@ -147,8 +154,9 @@ def test_random_crop_pads_with_ignore_and_flips_jointly():
 
 def test_median_frequency_weights_by_hand(tmp_path):
     # image a: 3 px class 0, 1 px class 1; image b: 4 px class 0.
-    write_pair(tmp_path, "train", "a", np.zeros((2, 2, 3), np.uint8),
-               np.array([[0, 0], [0, 1]], np.uint8))
+    write_pair(
+        tmp_path, "train", "a", np.zeros((2, 2, 3), np.uint8), np.array([[0, 0], [0, 1]], np.uint8)
+    )
     write_pair(tmp_path, "train", "b", np.zeros((2, 2, 3), np.uint8), np.zeros((2, 2), np.uint8))
     cfg = folder_cfg(tmp_path, num_classes=3)
     w = median_frequency_weights(build_dataset(cfg, "train", train=False))

@@ -17,23 +17,34 @@ from tiramisu.engine import TrainingDiverged, evaluate_checkpoint, train
 from tiramisu.errors import CheckpointError
 from tiramisu.models import FCDenseNet, batch_statistics
 
-TINY = ("model.kwargs={growth_rate: 4, down_blocks: [1, 1], bottleneck_layers: 1, "
-        "first_conv_channels: 8, dropout: 0.2}")
+TINY = (
+    "model.kwargs={growth_rate: 4, down_blocks: [1, 1], bottleneck_layers: 1, "
+    "first_conv_channels: 8, dropout: 0.2}"
+)
 
 
 def tiny_overrides(root: Path, epochs: int = 2) -> list[str]:
     return [
-        "data.dataset=synthetic", f"data.root={root}", "data.crop_size=[32, 32]",
-        TINY, "model.name=fcdensenet56", f"train.epochs={epochs}", "train.batch_size=4",
-        "train.eval_batch_size=4", "train.optimizer=adam", "train.lr=1e-2",
-        "train.patience=null", "train.deterministic=true",
+        "data.dataset=synthetic",
+        f"data.root={root}",
+        "data.crop_size=[32, 32]",
+        TINY,
+        "model.name=fcdensenet56",
+        f"train.epochs={epochs}",
+        "train.batch_size=4",
+        "train.eval_batch_size=4",
+        "train.optimizer=adam",
+        "train.lr=1e-2",
+        "train.patience=null",
+        "train.deterministic=true",
     ]
 
 
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory) -> Path:
-    return make_synthetic_dataset(tmp_path_factory.mktemp("scenes"), n_train=12, n_val=6,
-                                  size=(40, 48), seed=3)
+    return make_synthetic_dataset(
+        tmp_path_factory.mktemp("scenes"), n_train=12, n_val=6, size=(40, 48), seed=3
+    )
 
 
 def metrics_without_timing(path: Path) -> dict:
@@ -50,9 +61,19 @@ def test_short_run_writes_everything_and_evaluate_reproduces_it(scenes, tmp_path
     out = tmp_path / "run"
     cfg = load_config(None, tiny_overrides(scenes, epochs=3))
     metrics = train(cfg, out, quiet=True)
-    for name in ("last.pt", "best.pt", "history.csv", "history.jsonl", "loss.png", "miou.png",
-                 "accuracy.png", "metrics.json", "report_val.txt", "confusion_matrix_val.png",
-                 "config.yaml"):
+    for name in (
+        "last.pt",
+        "best.pt",
+        "history.csv",
+        "history.jsonl",
+        "loss.png",
+        "miou.png",
+        "accuracy.png",
+        "metrics.json",
+        "report_val.txt",
+        "confusion_matrix_val.png",
+        "config.yaml",
+    ):
         assert (out / name).is_file(), name
     assert any((out / "tensorboard").iterdir())
     assert len((out / "history.jsonl").read_text().splitlines()) == 3
@@ -61,46 +82,72 @@ def test_short_run_writes_everything_and_evaluate_reproduces_it(scenes, tmp_path
     assert {"model", "optimizer", "scheduler", "rng", "config", "history"} <= set(ckpt)
     assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-2 * 0.995**3)
     capsys.readouterr()
-    assert main(["evaluate", "--checkpoint", str(out / "best.pt"), "--split", "val",
-                 "--json", str(tmp_path / "eval.json"), "--out", str(tmp_path / "ev")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(out / "best.pt"),
+                "--split",
+                "val",
+                "--json",
+                str(tmp_path / "eval.json"),
+                "--out",
+                str(tmp_path / "ev"),
+            ]
+        )
+        == 0
+    )
     assert "mean IoU" in capsys.readouterr().out
     assert metrics_without_timing(tmp_path / "eval.json") == metrics_without_timing(
-        out / "metrics.json")
-    assert metrics["miou"] == pytest.approx(json.loads((out / "eval.json" if False else
-                                                        tmp_path / "eval.json").read_text())["miou"])
+        out / "metrics.json"
+    )
+    assert metrics["miou"] == pytest.approx(
+        json.loads((out / "eval.json" if False else tmp_path / "eval.json").read_text())["miou"]
+    )
     # A second train into the same folder without --resume must not clobber the run.
     with pytest.raises(Exception, match="--resume"):
         train(cfg, out, quiet=True)
 
 
 def test_finetune_stage_runs_on_full_frames(scenes, tmp_path):
-    cfg = load_config(None, tiny_overrides(scenes, epochs=1) + [
-        "finetune.enabled=true", "finetune.epochs=1", "finetune.batch_size=2"])
+    cfg = load_config(
+        None,
+        tiny_overrides(scenes, epochs=1)
+        + ["finetune.enabled=true", "finetune.epochs=1", "finetune.batch_size=2"],
+    )
     train(cfg, tmp_path / "ft", quiet=True)
     rows = [json.loads(x) for x in (tmp_path / "ft" / "history.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in rows] == ["train", "finetune"]
     assert rows[1]["lr"] == pytest.approx(1e-4)
 
 
-def test_nan_loss_stops_with_a_clear_message_and_keeps_the_good_checkpoint(scenes, tmp_path,
-                                                                           monkeypatch):
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_good_checkpoint(
+    scenes, tmp_path, monkeypatch
+):
     out = tmp_path / "nan"
     train(load_config(None, tiny_overrides(scenes, epochs=1)), out, quiet=True)
     before = (out / "last.pt").read_bytes()
     real = torch.nn.CrossEntropyLoss.forward
-    monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward",
-                        lambda self, x, y: real(self, x, y) * float("nan"))
+    monkeypatch.setattr(
+        torch.nn.CrossEntropyLoss, "forward", lambda self, x, y: real(self, x, y) * float("nan")
+    )
     with pytest.raises(TrainingDiverged, match="loss became nan"):
-        train(load_config(None), out, resume=True, quiet=True,
-              resume_overrides=["train.epochs=3"])
+        train(load_config(None), out, resume=True, quiet=True, resume_overrides=["train.epochs=3"])
     assert (out / "last.pt").read_bytes() == before
     assert load_checkpoint(out / "last.pt")["epoch"] == 1
 
 
 def _cli(args: list[str], **kw) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "tiramisu.cli", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "tiramisu.cli", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
 
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
@@ -126,10 +173,12 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
 
     resumed = _cli(["train", "--out", str(tmp_path / "killed"), "--resume", "--quiet", *sets])
     assert resumed.wait(timeout=300) == 0, resumed.stdout.read()
-    assert history_without_timing(tmp_path / "killed" / "history.jsonl") == \
-        history_without_timing(tmp_path / "full" / "history.jsonl")
-    assert metrics_without_timing(tmp_path / "killed" / "metrics.json") == \
-        metrics_without_timing(tmp_path / "full" / "metrics.json")
+    assert history_without_timing(tmp_path / "killed" / "history.jsonl") == history_without_timing(
+        tmp_path / "full" / "history.jsonl"
+    )
+    assert metrics_without_timing(tmp_path / "killed" / "metrics.json") == metrics_without_timing(
+        tmp_path / "full" / "metrics.json"
+    )
     a = load_checkpoint(tmp_path / "killed" / "last.pt")["model"]
     b = load_checkpoint(tmp_path / "full" / "last.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -141,24 +190,47 @@ def test_torchrun_two_processes_gloo_metrics_equal_single_process(scenes, tmp_pa
         sets += ["--set", o]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "tiramisu.cli", "train", "--out", str(tmp_path / "ddp"), "--quiet",
-         "--device", "cpu", *sets],
-        env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "tiramisu.cli",
+            "train",
+            "--out",
+            str(tmp_path / "ddp"),
+            "--quiet",
+            "--device",
+            "cpu",
+            *sets,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     out = tmp_path / "ddp"
     assert len((out / "history.jsonl").read_text().splitlines()) == 2  # rank 0 only
     ddp = json.loads((out / "metrics.json").read_text())
-    single = evaluate_checkpoint(load_checkpoint(out / "best.pt"), "val", device="cpu",
-                                 quiet=True)
+    single = evaluate_checkpoint(load_checkpoint(out / "best.pt"), "val", device="cpu", quiet=True)
     assert ddp["confusion_matrix"] == single["confusion_matrix"]
     assert sum(map(sum, ddp["confusion_matrix"])) == 6 * 40 * 48  # every val pixel once
     assert ddp["miou"] == pytest.approx(single["miou"])
 
 
 def test_batch_statistics_mode_uses_batch_stats_without_touching_running_ones():
-    model = FCDenseNet(growth_rate=4, down_blocks=(1,), bottleneck_layers=1,
-                       first_conv_channels=8, num_classes=3, dropout=0.0)
+    model = FCDenseNet(
+        growth_rate=4,
+        down_blocks=(1,),
+        bottleneck_layers=1,
+        first_conv_channels=8,
+        num_classes=3,
+        dropout=0.0,
+    )
     x = torch.randn(2, 3, 16, 16)
     model.train()
     with torch.no_grad():
@@ -206,8 +278,18 @@ def test_atomic_save_leaves_the_old_file_when_writing_fails(tmp_path):
 def test_cli_reports_bad_data_in_one_line(tmp_path, capsys):
     root = make_synthetic_dataset(tmp_path / "d", n_train=2, n_val=1, size=(32, 32))
     (root / "train" / "masks" / "scene_0001.png").write_bytes(b"garbage")
-    code = main(["train", "--out", str(tmp_path / "r"), "--quiet",
-                 "--set", "data.dataset=synthetic", "--set", f"data.root={root}"])
+    code = main(
+        [
+            "train",
+            "--out",
+            str(tmp_path / "r"),
+            "--quiet",
+            "--set",
+            "data.dataset=synthetic",
+            "--set",
+            f"data.root={root}",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "scene_0001.png" in err and err.count("\n") == 1
     assert not (tmp_path / "r" / "last.pt").exists()

@@ -50,8 +50,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"(a pickle that could run code): {first}"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0]})") \
-            from None
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint ({str(e).splitlines()[0]})"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a tiramisu training checkpoint")
     return ckpt

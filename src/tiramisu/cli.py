@@ -58,8 +58,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         out = Path(args.out)
     else:
         out = Path("runs") / (Path(args.config).stem if args.config else cfg["model"]["name"])
-    train(cfg, out, resume=args.resume, device=args.device, quiet=args.quiet,
-          resume_overrides=overrides)
+    train(
+        cfg,
+        out,
+        resume=args.resume,
+        device=args.device,
+        quiet=args.quiet,
+        resume_overrides=overrides,
+    )
     return 0
 
 
@@ -69,8 +75,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     ckpt = load_checkpoint(args.checkpoint)
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval_{args.split}"
-    evaluate_checkpoint(ckpt, args.split, data_root=args.data_root, out_dir=out,
-                        json_path=Path(args.json) if args.json else None, device=args.device)
+    evaluate_checkpoint(
+        ckpt,
+        args.split,
+        data_root=args.data_root,
+        out_dir=out,
+        json_path=Path(args.json) if args.json else None,
+        device=args.device,
+    )
     return 0
 
 
@@ -135,8 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", help="dataset folder (sets data.root)")
     p.add_argument("--out", help="run folder (default runs/CONFIG_NAME)")
     p.add_argument("--epochs", type=int, help="sets train.epochs")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override any config key, e.g. --set train.lr=5e-4 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override any config key, e.g. --set train.lr=5e-4 (repeatable)",
+    )
     p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")

@@ -92,6 +92,7 @@ DEFAULTS: dict[str, Any] = {
         "sync_bn": False,
         "val_every": 1,
         "max_steps_per_epoch": None,  # cap for smoke tests and budgets
+        "max_minutes": None,  # wall-clock budget: stop after the epoch in which it runs out
         "log_every": 10,
     },
     "finetune": {
@@ -119,8 +120,9 @@ def _merge(base: dict[str, Any], update: dict[str, Any], where: str = "") -> dic
     return base
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None
-                ) -> dict[str, Any]:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None
+) -> dict[str, Any]:
     cfg = copy.deepcopy(DEFAULTS)
     if path is not None:
         path = Path(path)

@@ -14,23 +14,34 @@ from .data import make_synthetic_dataset
 def demo_config(data_root: Path, epochs: int) -> dict:
     # A small FC-DenseNet (same code, fewer and thinner layers) so that the demo trains to a
     # visibly good segmentation in about a minute on a laptop CPU.
-    return load_config(None, [
-        "data.dataset=synthetic", f"data.root={data_root}",
-        "data.train_images=train/images", "data.train_masks=train/masks",
-        "data.val_images=val/images", "data.val_masks=val/masks",
-        "data.crop_size=[96, 96]",
-        "model.name=fcdensenet56",
-        "model.kwargs={growth_rate: 8, down_blocks: [2, 2, 2], bottleneck_layers: 2, "
-        "first_conv_channels: 16, dropout: 0.0}",
-        "train.optimizer=adam", "train.lr=3e-3", "train.lr_decay=0.9",
-        f"train.epochs={epochs}", "train.batch_size=4", "train.eval_batch_size=4",
-        "train.patience=null", "train.bn_eval=running",
-    ])
+    return load_config(
+        None,
+        [
+            "data.dataset=synthetic",
+            f"data.root={data_root}",
+            "data.train_images=train/images",
+            "data.train_masks=train/masks",
+            "data.val_images=val/images",
+            "data.val_masks=val/masks",
+            "data.crop_size=[96, 96]",
+            "model.name=fcdensenet56",
+            "model.kwargs={growth_rate: 8, down_blocks: [2, 2, 2], bottleneck_layers: 2, "
+            "first_conv_channels: 16, dropout: 0.0}",
+            "train.optimizer=adam",
+            "train.lr=3e-3",
+            "train.lr_decay=0.9",
+            f"train.epochs={epochs}",
+            "train.batch_size=4",
+            "train.eval_batch_size=4",
+            "train.patience=null",
+            "train.bn_eval=running",
+        ],
+    )
 
 
 def run_demo(out: Path, epochs: int = 12, device: str = "auto") -> dict:
-    from .engine import build_data, build_model_from_cfg, train
     from .checkpoint import load_checkpoint
+    from .engine import build_data, build_model_from_cfg, train
     from .inference import save_predictions
 
     t0 = time.perf_counter()
@@ -42,11 +53,23 @@ def run_demo(out: Path, epochs: int = 12, device: str = "auto") -> dict:
     data = build_data(cfg)
     model = build_model_from_cfg(cfg, data["labels"].num_classes, data["channels"])
     model.load_state_dict(load_checkpoint(run / "best.pt")["model"])
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
-    save_predictions(model.to(dev), data["val"], run / "predictions", data["labels"].colors,
-                     limit=8, bn_eval=cfg["train"]["bn_eval"], device=dev)
-    print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; look in {run}: "
-          f"loss.png, miou.png, accuracy.png, confusion_matrix_val.png, metrics.json, "
-          f"predictions/*_compare.png (image | truth | prediction)")
+    dev = torch.device(
+        "cuda"
+        if device == "auto" and torch.cuda.is_available()
+        else ("cpu" if device == "auto" else device)
+    )
+    save_predictions(
+        model.to(dev),
+        data["val"],
+        run / "predictions",
+        data["labels"].colors,
+        limit=8,
+        bn_eval=cfg["train"]["bn_eval"],
+        device=dev,
+    )
+    print(
+        f"\ndemo finished in {time.perf_counter() - t0:.0f} s; look in {run}: "
+        f"loss.png, miou.png, accuracy.png, confusion_matrix_val.png, metrics.json, "
+        f"predictions/*_compare.png (image | truth | prediction)"
+    )
     return metrics

@@ -128,12 +128,14 @@ def lr_factor(train_cfg: dict[str, Any], epochs: int) -> Any:
         decay = float(train_cfg["lr_decay"])
         return lambda e: decay**e
     if kind == "multistep":
-        steps = [int(round(f * epochs)) if f < 1 else int(f) for f in train_cfg["milestones"]]
+        steps = [round(f * epochs) if f < 1 else int(f) for f in train_cfg["milestones"]]
         gamma = float(train_cfg["gamma"])
         return lambda e: gamma ** sum(e >= s for s in steps)
     if kind == "constant":
         return lambda e: 1.0
-    raise TiramisuError(f"train.lr_schedule must be exponential, multistep or constant, got {kind!r}")
+    raise TiramisuError(
+        f"train.lr_schedule must be exponential, multistep or constant, got {kind!r}"
+    )
 
 
 def build_optimizer(params: Any, train_cfg: dict[str, Any], lr: float) -> torch.optim.Optimizer:
@@ -142,8 +144,13 @@ def build_optimizer(params: Any, train_cfg: dict[str, Any], lr: float) -> torch.
         # Lasagne's rmsprop (the official code): rho 0.9, epsilon 1e-6 added outside the sqrt.
         return torch.optim.RMSprop(params, lr=lr, alpha=0.9, eps=1e-6, weight_decay=wd)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=float(train_cfg["momentum"]),
-                               nesterov=bool(train_cfg["nesterov"]), weight_decay=wd)
+        return torch.optim.SGD(
+            params,
+            lr=lr,
+            momentum=float(train_cfg["momentum"]),
+            nesterov=bool(train_cfg["nesterov"]),
+            weight_decay=wd,
+        )
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=wd)
     if name == "adamw":
@@ -241,13 +248,27 @@ def build_model_from_cfg(cfg: dict[str, Any], num_classes: int, in_channels: int
     return create_model(cfg["model"]["name"], **kwargs)
 
 
-def _loader(ds: Dataset, batch_size: int, sampler: Sampler | None, shuffle: bool,
-            workers: int, device: torch.device, generator: torch.Generator | None = None,
-            drop_last: bool = False) -> DataLoader:
-    return DataLoader(ds, batch_size=batch_size, sampler=sampler,
-                      shuffle=shuffle if sampler is None else False, num_workers=workers,
-                      pin_memory=device.type == "cuda", drop_last=drop_last,
-                      generator=generator, persistent_workers=False)
+def _loader(
+    ds: Dataset,
+    batch_size: int,
+    sampler: Sampler | None,
+    shuffle: bool,
+    workers: int,
+    device: torch.device,
+    generator: torch.Generator | None = None,
+    drop_last: bool = False,
+) -> DataLoader:
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        sampler=sampler,
+        shuffle=shuffle if sampler is None else False,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        drop_last=drop_last,
+        generator=generator,
+        persistent_workers=False,
+    )
 
 
 def _epoch_seed(base: int, stage: int, epoch: int) -> int:
@@ -282,9 +303,14 @@ class History:
 
 
 # --------------------------------------------------------------------------- training
-def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False,
-          device: str = "auto", quiet: bool = False,
-          resume_overrides: list[str] | None = None) -> dict[str, Any]:
+def train(
+    cfg: dict[str, Any],
+    out_dir: str | Path,
+    resume: bool = False,
+    device: str = "auto",
+    quiet: bool = False,
+    resume_overrides: list[str] | None = None,
+) -> dict[str, Any]:
     """Run the configured stages; returns the best model's validation metrics.
 
     With ``resume=True`` the run's own stored config is used, with ``resume_overrides``
@@ -297,14 +323,22 @@ def train(cfg: dict[str, Any], out_dir: str | Path, resume: bool = False,
         teardown_runtime(rt)
 
 
-def _train(cfg: dict[str, Any], out: Path, resume: bool, rt: Runtime, quiet: bool,
-           resume_overrides: list[str]) -> dict[str, Any]:
+def _train(
+    cfg: dict[str, Any],
+    out: Path,
+    resume: bool,
+    rt: Runtime,
+    quiet: bool,
+    resume_overrides: list[str],
+) -> dict[str, Any]:
     tcfg = cfg["train"]
     log = (lambda *a: None) if (quiet or not rt.is_main) else print
     ckpt_path, best_path = out / "last.pt", out / "best.pt"
     if not resume and ckpt_path.exists():
-        raise TiramisuError(f"{out}: already holds a run (last.pt); pass --resume to continue it "
-                            f"or choose another --out")
+        raise TiramisuError(
+            f"{out}: already holds a run (last.pt); pass --resume to continue it "
+            f"or choose another --out"
+        )
     state = load_checkpoint(ckpt_path) if resume else None
     if resume and state is None:
         raise TiramisuError(f"{ckpt_path}: nothing to resume")
@@ -345,10 +379,14 @@ def _train(cfg: dict[str, Any], out: Path, resume: bool, rt: Runtime, quiet: boo
         log("class weights (median frequency):", [round(w, 3) for w in weights.tolist()])
     elif isinstance(cw, list | tuple):
         if len(cw) != num_classes:
-            raise TiramisuError(f"train.class_weights has {len(cw)} values for {num_classes} classes")
+            raise TiramisuError(
+                f"train.class_weights has {len(cw)} values for {num_classes} classes"
+            )
         weights = torch.tensor([float(w) for w in cw], device=rt.device)
     elif cw is not None:
-        raise TiramisuError(f"train.class_weights must be null, median_frequency or a list, got {cw!r}")
+        raise TiramisuError(
+            f"train.class_weights must be null, median_frequency or a list, got {cw!r}"
+        )
     criterion = nn.CrossEntropyLoss(weight=weights, ignore_index=ignore)
 
     if rt.is_main:
@@ -356,8 +394,9 @@ def _train(cfg: dict[str, Any], out: Path, resume: bool, rt: Runtime, quiet: boo
         (out / "config.yaml").write_text(_dump_yaml(cfg))
     stages = [("train", tcfg)]
     if cfg["finetune"]["enabled"]:
-        stages.append(("finetune", {**tcfg, **{k: v for k, v in cfg["finetune"].items()
-                                              if k != "enabled"}}))
+        stages.append(
+            ("finetune", {**tcfg, **{k: v for k, v in cfg["finetune"].items() if k != "enabled"}})
+        )
 
     history = History(out, state["history"] if state else None)
     best = dict(state["best"]) if state else {"metric": -math.inf, "epoch": None, "stage": None}
@@ -368,8 +407,14 @@ def _train(cfg: dict[str, Any], out: Path, resume: bool, rt: Runtime, quiet: boo
         writer = SummaryWriter(str(out / "tensorboard"))
     monitor = tcfg["monitor"]
 
+    deadline = (
+        time.monotonic() + 60 * float(tcfg["max_minutes"]) if tcfg.get("max_minutes") else None
+    )
+    out_of_time = False
     start_stage = [s for s, _ in stages].index(state["stage"]) if state else 0
     for stage_idx in range(start_stage, len(stages)):
+        if out_of_time:
+            break
         stage, scfg = stages[stage_idx]
         resuming_here = state is not None and stage_idx == start_stage
         if stage == "finetune" and not resuming_here and best_path.exists():
@@ -394,7 +439,8 @@ def _train(cfg: dict[str, Any], out: Path, resume: bool, rt: Runtime, quiet: boo
         model = raw_model
         if rt.distributed:
             model = nn.parallel.DistributedDataParallel(
-                raw_model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+                raw_model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None
+            )
         if scfg.get("compile"):
             model = torch.compile(model)
 
@@ -402,8 +448,14 @@ def _train(cfg: dict[str, Any], out: Path, resume: bool, rt: Runtime, quiet: boo
         if stage == "finetune" and hasattr(train_ds, "transform"):
             train_ds = _with_crop(cfg, data, scfg.get("crop_size"))
         val_sampler = ShardSampler(len(data["val"]), rt.rank, rt.world_size)
-        val_loader = _loader(data["val"], int(scfg["eval_batch_size"]), val_sampler, False,
-                             int(cfg["data"]["num_workers"]), rt.device)
+        val_loader = _loader(
+            data["val"],
+            int(scfg["eval_batch_size"]),
+            val_sampler,
+            False,
+            int(cfg["data"]["num_workers"]),
+            rt.device,
+        )
         patience = scfg.get("patience")
         for epoch in range(start_epoch, epochs):
             seed = _epoch_seed(int(tcfg["seed"]), stage_idx, epoch)
@@ -412,32 +464,64 @@ def _train(cfg: dict[str, Any], out: Path, resume: bool, rt: Runtime, quiet: boo
             sampler = None
             if rt.distributed:
                 sampler = torch.utils.data.DistributedSampler(
-                    train_ds, rt.world_size, rt.rank, shuffle=True, seed=seed, drop_last=True)
-            loader = _loader(train_ds, int(scfg["batch_size"]), sampler, True,
-                             int(cfg["data"]["num_workers"]), rt.device, generator,
-                             drop_last=len(train_ds) > int(scfg["batch_size"]))
+                    train_ds, rt.world_size, rt.rank, shuffle=True, seed=seed, drop_last=True
+                )
+            loader = _loader(
+                train_ds,
+                int(scfg["batch_size"]),
+                sampler,
+                True,
+                int(cfg["data"]["num_workers"]),
+                rt.device,
+                generator,
+                drop_last=len(train_ds) > int(scfg["batch_size"]),
+            )
             t0 = time.perf_counter()
-            train_loss, n_images = _train_one_epoch(model, loader, criterion, optimizer, scaler,
-                                                    scfg, rt, f"{stage} {epoch + 1}/{epochs}",
-                                                    quiet)
+            train_loss, n_images = _train_one_epoch(
+                model,
+                loader,
+                criterion,
+                optimizer,
+                scaler,
+                scfg,
+                rt,
+                f"{stage} {epoch + 1}/{epochs}",
+                quiet,
+                deadline,
+            )
             train_time = time.perf_counter() - t0
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
 
-            record: dict[str, Any] = {"stage": stage, "epoch": epoch + 1, "lr": lr,
-                                      "train_loss": train_loss,
-                                      "train_images_per_s": n_images / max(train_time, 1e-9),
-                                      "train_time_s": train_time}
+            record: dict[str, Any] = {
+                "stage": stage,
+                "epoch": epoch + 1,
+                "lr": lr,
+                "train_loss": train_loss,
+                "train_images_per_s": n_images / max(train_time, 1e-9),
+                "train_time_s": train_time,
+            }
             improved, m = False, None
             if (epoch + 1) % int(scfg["val_every"]) == 0 or epoch + 1 == epochs:
                 t1 = time.perf_counter()
-                m = evaluate(raw_model, val_loader, num_classes, ignore, rt.device,
-                             bn_eval=scfg["bn_eval"], amp=scfg["amp"],
-                             channels_last=scfg["channels_last"], criterion=criterion)
-                record.update(val_loss=m["loss"], val_miou=m["miou"],
-                              val_accuracy=m["global_accuracy"],
-                              val_mean_class_accuracy=m["mean_class_accuracy"],
-                              val_time_s=time.perf_counter() - t1)
+                m = evaluate(
+                    raw_model,
+                    val_loader,
+                    num_classes,
+                    ignore,
+                    rt.device,
+                    bn_eval=scfg["bn_eval"],
+                    amp=scfg["amp"],
+                    channels_last=scfg["channels_last"],
+                    criterion=criterion,
+                )
+                record.update(
+                    val_loss=m["loss"],
+                    val_miou=m["miou"],
+                    val_accuracy=m["global_accuracy"],
+                    val_mean_class_accuracy=m["mean_class_accuracy"],
+                    val_time_s=time.perf_counter() - t1,
+                )
                 score = m["global_accuracy"] if monitor == "accuracy" else m["miou"]
                 if not math.isnan(score) and score > best["metric"]:
                     best = {"metric": score, "epoch": epoch + 1, "stage": stage}
@@ -448,13 +532,23 @@ def _train(cfg: dict[str, Any], out: Path, resume: bool, rt: Runtime, quiet: boo
             stop = patience is not None and bad_epochs >= int(patience)
             if rt.is_main:
                 ckpt = {
-                    "format": FORMAT, "version": 1,
-                    "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                    "stage": stage, "epoch": epoch + 1, "bad_epochs": bad_epochs,
-                    "stopped": stop, "best": best, "rng": rng_state(), "config": cfg,
-                    "history": history.records, "labels": labels.to_json(),
-                    "in_channels": channels, "model_name": cfg["model"]["name"],
+                    "format": FORMAT,
+                    "version": 1,
+                    "model": raw_model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "stage": stage,
+                    "epoch": epoch + 1,
+                    "bad_epochs": bad_epochs,
+                    "stopped": stop,
+                    "best": best,
+                    "rng": rng_state(),
+                    "config": cfg,
+                    "history": history.records,
+                    "labels": labels.to_json(),
+                    "in_channels": channels,
+                    "model_name": cfg["model"]["name"],
                     "model_config": getattr(raw_model, "config", {}),
                     "val_metrics": m,
                 }
@@ -467,6 +561,10 @@ def _train(cfg: dict[str, Any], out: Path, resume: bool, rt: Runtime, quiet: boo
 
                 plot_history(history.records, out)
                 log(_epoch_line(record))
+            if deadline is not None and _all_agree(time.monotonic() >= deadline, rt):
+                log(f"time budget of {tcfg['max_minutes']} minutes used up; stopping")
+                out_of_time = True
+                break
             if stop:
                 log(f"early stopping: no {monitor} improvement for {bad_epochs} evaluations")
                 break
@@ -487,22 +585,42 @@ def _with_crop(cfg: dict[str, Any], data: dict[str, Any], crop: Any) -> Dataset:
     return ds
 
 
-def _train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module,
-                     optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                     scfg: dict[str, Any], rt: Runtime, desc: str, quiet: bool
-                     ) -> tuple[float, int]:
+def _train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    scfg: dict[str, Any],
+    rt: Runtime,
+    desc: str,
+    quiet: bool,
+    deadline: float | None = None,
+) -> tuple[float, int]:
     from tqdm import tqdm
 
     model.train()
     total, count, n_images = 0.0, 0, 0
     max_steps = scfg.get("max_steps_per_epoch")
     steps = len(loader) if max_steps is None else min(len(loader), int(max_steps))
-    bar = tqdm(total=steps, desc=desc, leave=False, dynamic_ncols=True,
-               disable=quiet or not rt.is_main, unit="step")
+    bar = tqdm(
+        total=steps,
+        desc=desc,
+        leave=False,
+        dynamic_ncols=True,
+        disable=quiet or not rt.is_main,
+        unit="step",
+    )
     t0 = time.perf_counter()
     for step, (images, targets) in enumerate(loader):
         if step >= steps:
             break
+        if deadline is not None:
+            over = torch.tensor(float(time.monotonic() >= deadline), device=rt.device)
+            if rt.distributed:  # every rank must stop at the same step, or DDP hangs
+                dist.all_reduce(over, op=dist.ReduceOp.MAX)
+            if over.item():
+                break  # the budget ran out mid-epoch: validate what we have
         images = to_device(images, rt.device, scfg["channels_last"])
         targets = targets.to(rt.device, non_blocking=True)
         with autocast_context(rt.device, scfg["amp"]):
@@ -527,8 +645,9 @@ def _train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module,
         count += images.shape[0]
         n_images += images.shape[0] * rt.world_size
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}",
-                        img_s=f"{n_images / (time.perf_counter() - t0):.2f}")
+        bar.set_postfix(
+            loss=f"{loss.item():.4f}", img_s=f"{n_images / (time.perf_counter() - t0):.2f}"
+        )
     bar.close()
     mean = torch.tensor([total, count], dtype=torch.float64, device=rt.device)
     if rt.distributed:
@@ -536,12 +655,25 @@ def _train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module,
     return (mean[0] / mean[1].clamp(min=1)).item(), n_images
 
 
+def _all_agree(flag: bool, rt: Runtime) -> bool:
+    """True if any rank says so (all ranks then take the same branch)."""
+    if not rt.distributed:
+        return flag
+    t = torch.tensor(float(flag), device=rt.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def _epoch_line(r: dict[str, Any]) -> str:
-    line = (f"[{r['stage']}] epoch {r['epoch']:4d}  lr {r['lr']:.2e}  "
-            f"train loss {r['train_loss']:.4f}  {r['train_images_per_s']:.2f} img/s")
+    line = (
+        f"[{r['stage']}] epoch {r['epoch']:4d}  lr {r['lr']:.2e}  "
+        f"train loss {r['train_loss']:.4f}  {r['train_images_per_s']:.2f} img/s"
+    )
     if "val_miou" in r:
-        line += (f"  val loss {r['val_loss']:.4f}  mIoU {100 * r['val_miou']:.2f}  "
-                 f"acc {100 * r['val_accuracy']:.2f}")
+        line += (
+            f"  val loss {r['val_loss']:.4f}  mIoU {100 * r['val_miou']:.2f}  "
+            f"acc {100 * r['val_accuracy']:.2f}"
+        )
     return line
 
 
@@ -551,13 +683,21 @@ def _log_epoch(writer: Any, record: dict[str, Any], step: int) -> None:
     for key, value in record.items():
         if isinstance(value, int | float) and key != "epoch":
             group = "val" if key.startswith("val_") else "train"
-            writer.add_scalar(f"{group}/{key.removeprefix('val_').removeprefix('train_')}",
-                              value, step)
+            writer.add_scalar(
+                f"{group}/{key.removeprefix('val_').removeprefix('train_')}", value, step
+            )
     writer.flush()
 
 
-def _final_report(cfg: dict[str, Any], data: dict[str, Any], model: nn.Module, out: Path,
-                  best: dict[str, Any], rt: Runtime, quiet: bool) -> dict[str, Any]:
+def _final_report(
+    cfg: dict[str, Any],
+    data: dict[str, Any],
+    model: nn.Module,
+    out: Path,
+    best: dict[str, Any],
+    rt: Runtime,
+    quiet: bool,
+) -> dict[str, Any]:
     best_path = out / "best.pt"
     if rt.distributed:
         dist.barrier()  # rank 0 has finished writing best.pt
@@ -571,22 +711,46 @@ def _final_report(cfg: dict[str, Any], data: dict[str, Any], model: nn.Module, o
         if stored is not None:
             model.load_state_dict(stored["model"])
         tcfg = cfg["train"]
-        loader = _loader(data["val"], int(tcfg["eval_batch_size"]),
-                         ShardSampler(len(data["val"]), rt.rank, rt.world_size), False,
-                         int(cfg["data"]["num_workers"]), rt.device)
-        metrics = evaluate(model, loader, labels.num_classes, labels.ignore_index, rt.device,
-                           bn_eval=tcfg["bn_eval"], amp=tcfg["amp"],
-                           channels_last=tcfg["channels_last"])
+        loader = _loader(
+            data["val"],
+            int(tcfg["eval_batch_size"]),
+            ShardSampler(len(data["val"]), rt.rank, rt.world_size),
+            False,
+            int(cfg["data"]["num_workers"]),
+            rt.device,
+        )
+        metrics = evaluate(
+            model,
+            loader,
+            labels.num_classes,
+            labels.ignore_index,
+            rt.device,
+            bn_eval=tcfg["bn_eval"],
+            amp=tcfg["amp"],
+            channels_last=tcfg["channels_last"],
+        )
     metrics.pop("loss", None)
-    metrics.update(split="val", checkpoint=str(best_path), best_epoch=best["epoch"],
-                   best_stage=best["stage"], classes=labels.classes)
+    metrics.update(
+        split="val",
+        checkpoint=str(best_path),
+        best_epoch=best["epoch"],
+        best_stage=best["stage"],
+        classes=labels.classes,
+    )
     if rt.is_main:
         write_report(cfg, metrics, labels.classes, out, "val", quiet)
     return metrics
 
 
-def write_report(cfg: dict[str, Any], metrics: dict[str, Any], classes: list[str], out: Path,
-                 split: str, quiet: bool = False, json_path: Path | None = None) -> str:
+def write_report(
+    cfg: dict[str, Any],
+    metrics: dict[str, Any],
+    classes: list[str],
+    out: Path,
+    split: str,
+    quiet: bool = False,
+    json_path: Path | None = None,
+) -> str:
     from .plots import plot_confusion
 
     paper = PAPER_CAMVID.get(cfg["model"]["name"]) if cfg["data"]["dataset"] == "camvid" else None
@@ -611,7 +775,7 @@ def _dump_yaml(cfg: dict[str, Any]) -> str:
     return yaml.safe_dump(cfg, sort_keys=False)
 
 
-# --------------------------------------------------------------------------- evaluating a checkpoint
+# ------------------------------------------------------------------ evaluating a checkpoint
 def build_eval_dataset(cfg: dict[str, Any], split: str, labels: Any, channels: int) -> Dataset:
     if cfg["task"] == "classification":
         from .data.classification import build_classification_split
@@ -627,13 +791,21 @@ def load_model_state(model: nn.Module, state: dict[str, Tensor], source: str) ->
         model.load_state_dict(state)
     except RuntimeError as e:
         first = str(e).strip().splitlines()
-        raise TiramisuError(f"{source}: weights do not match the model "
-                            f"({first[1].strip() if len(first) > 1 else first[0]})") from None
+        raise TiramisuError(
+            f"{source}: weights do not match the model "
+            f"({first[1].strip() if len(first) > 1 else first[0]})"
+        ) from None
 
 
-def evaluate_checkpoint(ckpt: dict[str, Any], split: str, data_root: str | None = None,
-                        out_dir: Path | None = None, json_path: Path | None = None,
-                        device: str = "auto", quiet: bool = False) -> dict[str, Any]:
+def evaluate_checkpoint(
+    ckpt: dict[str, Any],
+    split: str,
+    data_root: str | None = None,
+    out_dir: Path | None = None,
+    json_path: Path | None = None,
+    device: str = "auto",
+    quiet: bool = False,
+) -> dict[str, Any]:
     """Evaluate a training checkpoint on one split, single process, writing the report."""
     from .data import LabelSpec
 
@@ -641,8 +813,9 @@ def evaluate_checkpoint(ckpt: dict[str, Any], split: str, data_root: str | None 
     if data_root is not None:
         cfg["data"]["root"] = str(data_root)
     lab = ckpt["labels"]
-    labels = LabelSpec(list(lab["classes"]), [tuple(c) for c in lab["colors"]],
-                       int(lab["ignore_index"]))
+    labels = LabelSpec(
+        list(lab["classes"]), [tuple(c) for c in lab["colors"]], int(lab["ignore_index"])
+    )
     if cfg["task"] != "classification":
         from .data import label_spec
 
@@ -651,20 +824,33 @@ def evaluate_checkpoint(ckpt: dict[str, Any], split: str, data_root: str | None 
     dataset = build_eval_dataset(cfg, split, labels, channels)
     if hasattr(dataset, "validate"):
         dataset.validate()
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = torch.device(
+        "cuda"
+        if device == "auto" and torch.cuda.is_available()
+        else ("cpu" if device == "auto" else device)
+    )
     model = build_model_from_cfg(cfg, labels.num_classes, channels)
     load_model_state(model, ckpt["model"], "checkpoint")
     model.to(dev)
     tcfg = cfg["train"]
-    loader = _loader(dataset, int(tcfg["eval_batch_size"]), None, False,
-                     int(cfg["data"]["num_workers"]), dev)
-    metrics = evaluate(model, loader, labels.num_classes, labels.ignore_index, dev,
-                       bn_eval=tcfg["bn_eval"], amp=tcfg["amp"],
-                       channels_last=tcfg["channels_last"], progress=not quiet)
+    loader = _loader(
+        dataset, int(tcfg["eval_batch_size"]), None, False, int(cfg["data"]["num_workers"]), dev
+    )
+    metrics = evaluate(
+        model,
+        loader,
+        labels.num_classes,
+        labels.ignore_index,
+        dev,
+        bn_eval=tcfg["bn_eval"],
+        amp=tcfg["amp"],
+        channels_last=tcfg["channels_last"],
+        progress=not quiet,
+    )
     metrics.pop("loss", None)
-    metrics.update(split=split, classes=labels.classes, epoch=ckpt.get("epoch"),
-                   stage=ckpt.get("stage"))
+    metrics.update(
+        split=split, classes=labels.classes, epoch=ckpt.get("epoch"), stage=ckpt.get("stage")
+    )
     if out_dir is not None:
         write_report(cfg, metrics, labels.classes, out_dir, split, quiet=quiet)
         if json_path is not None:

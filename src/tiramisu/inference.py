@@ -14,7 +14,9 @@ from torch import nn
 from .models import batch_statistics
 
 
-def colorize(mask: np.ndarray, colors: Sequence[Sequence[int]], ignore_color=(0, 0, 0)) -> np.ndarray:
+def colorize(
+    mask: np.ndarray, colors: Sequence[Sequence[int]], ignore_color=(0, 0, 0)
+) -> np.ndarray:
     """H x W class indices -> H x W x 3 uint8 using the class colours (others: ``ignore_color``)."""
     lut = np.zeros((256 if mask.max(initial=0) < 256 else int(mask.max()) + 1, 3), dtype=np.uint8)
     lut[:] = ignore_color
@@ -23,8 +25,15 @@ def colorize(mask: np.ndarray, colors: Sequence[Sequence[int]], ignore_color=(0,
 
 
 @torch.no_grad()
-def save_predictions(model: nn.Module, dataset, out_dir: str | Path, colors, limit: int = 8,
-                     bn_eval: str = "batch", device: torch.device | str = "cpu") -> list[Path]:
+def save_predictions(
+    model: nn.Module,
+    dataset,
+    out_dir: str | Path,
+    colors,
+    limit: int = 8,
+    bn_eval: str = "batch",
+    device: torch.device | str = "cpu",
+) -> list[Path]:
     """For the first ``limit`` samples: ``NAME_pred.png`` (indices), ``NAME_color.png`` and a
     side-by-side ``NAME_compare.png`` (image | truth | prediction)."""
     out_dir = Path(out_dir)
@@ -45,6 +54,7 @@ def save_predictions(model: nn.Module, dataset, out_dir: str | Path, colors, lim
                 rgb = np.repeat(raw, 3, axis=2) if raw.shape[2] == 1 else raw
                 truth = colorize(target.numpy().astype(np.int64), colors)
                 Image.fromarray(np.concatenate([rgb, truth, colored], axis=1)).save(
-                    out_dir / f"{name}_compare.png")
+                    out_dir / f"{name}_compare.png"
+                )
             written.append(out_dir / f"{name}_pred.png")
     return written

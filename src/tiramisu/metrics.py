@@ -17,8 +17,9 @@ from torch import Tensor
 class ConfusionMatrix:
     """``matrix[t, p]`` counts pixels (or samples) of true class ``t`` predicted as ``p``."""
 
-    def __init__(self, num_classes: int, ignore_index: int | None = None,
-                 device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, num_classes: int, ignore_index: int | None = None, device: torch.device | str = "cpu"
+    ) -> None:
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
@@ -28,8 +29,10 @@ class ConfusionMatrix:
         if prediction.dim() == target.dim() + 1:
             prediction = prediction.argmax(1)
         if prediction.shape != target.shape:
-            raise ValueError(f"prediction shape {tuple(prediction.shape)} does not match "
-                             f"target shape {tuple(target.shape)}")
+            raise ValueError(
+                f"prediction shape {tuple(prediction.shape)} does not match "
+                f"target shape {tuple(target.shape)}"
+            )
         p, t = prediction.reshape(-1), target.reshape(-1)
         keep = (t >= 0) & (t < self.num_classes)
         if self.ignore_index is not None:
@@ -56,7 +59,9 @@ def metrics_from_confusion(matrix: Tensor) -> dict[str, Any]:
     predicted = m.sum(0)
     union = support + predicted - tp
     iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
-    class_acc = torch.where(support > 0, tp / support.clamp(min=1), torch.full_like(tp, float("nan")))
+    class_acc = torch.where(
+        support > 0, tp / support.clamp(min=1), torch.full_like(tp, float("nan"))
+    )
     total = m.sum()
     return {
         "miou": _nanmean(iou),
@@ -76,19 +81,31 @@ def _nanmean(x: Tensor) -> float:
 
 # Jégou et al. 2017, Table 3 (CamVid test set, IoU %), in CamVid class order.
 PAPER_CAMVID = {
-    "fcdensenet56": {"iou": [92.4, 77.6, 32.6, 92.8, 79.9, 72.0, 31.8, 26.2, 73.2, 37.9, 31.1],
-                     "miou": 58.9, "global_accuracy": 88.9},
-    "fcdensenet67": {"iou": [93.0, 80.2, 38.4, 94.7, 81.9, 75.4, 40.9, 30.7, 78.2, 58.4, 52.1],
-                     "miou": 65.8, "global_accuracy": 90.8},
-    "fcdensenet103": {"iou": [93.0, 83.0, 37.8, 94.5, 82.2, 77.3, 43.9, 37.1, 77.3, 59.6, 50.5],
-                      "miou": 66.9, "global_accuracy": 91.5},
+    "fcdensenet56": {
+        "iou": [92.4, 77.6, 32.6, 92.8, 79.9, 72.0, 31.8, 26.2, 73.2, 37.9, 31.1],
+        "miou": 58.9,
+        "global_accuracy": 88.9,
+    },
+    "fcdensenet67": {
+        "iou": [93.0, 80.2, 38.4, 94.7, 81.9, 75.4, 40.9, 30.7, 78.2, 58.4, 52.1],
+        "miou": 65.8,
+        "global_accuracy": 90.8,
+    },
+    "fcdensenet103": {
+        "iou": [93.0, 83.0, 37.8, 94.5, 82.2, 77.3, 43.9, 37.1, 77.3, 59.6, 50.5],
+        "miou": 66.9,
+        "global_accuracy": 91.5,
+    },
 }
 
 
-def format_report(metrics: dict[str, Any], classes: list[str],
-                  paper: dict[str, Any] | None = None) -> str:
+def format_report(
+    metrics: dict[str, Any], classes: list[str], paper: dict[str, Any] | None = None
+) -> str:
     """A per-class table (IoU and accuracy, %), with the paper's column when given."""
-    head = f"{'class':<14}{'IoU %':>8}{'acc %':>8}{'pixels':>12}" + (f"{'paper':>8}" if paper else "")
+    head = f"{'class':<14}{'IoU %':>8}{'acc %':>8}{'pixels':>12}" + (
+        f"{'paper':>8}" if paper else ""
+    )
     lines = [head, "-" * len(head)]
 
     def pct(v: float) -> str:
@@ -101,9 +118,15 @@ def format_report(metrics: dict[str, Any], classes: list[str],
             row += f"{paper['iou'][i]:8.1f}"
         lines.append(row)
     lines.append("-" * len(head))
-    lines.append(f"{'mean IoU':<14}{pct(metrics['miou'])}" + " " * 20
-                 + (f"{paper['miou']:8.1f}" if paper else ""))
-    lines.append(f"{'global acc':<14}{pct(metrics['global_accuracy'])}" + " " * 20
-                 + (f"{paper['global_accuracy']:8.1f}" if paper else ""))
+    lines.append(
+        f"{'mean IoU':<14}{pct(metrics['miou'])}"
+        + " " * 20
+        + (f"{paper['miou']:8.1f}" if paper else "")
+    )
+    lines.append(
+        f"{'global acc':<14}{pct(metrics['global_accuracy'])}"
+        + " " * 20
+        + (f"{paper['global_accuracy']:8.1f}" if paper else "")
+    )
     lines.append(f"{'mean class acc':<14}{pct(metrics['mean_class_accuracy'])}")
     return "\n".join(lines)

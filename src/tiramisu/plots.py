@@ -9,8 +9,8 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")  # no display on servers; must precede pyplot
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 
 def _save(fig: Any, path: Path) -> None:
@@ -28,8 +28,9 @@ def plot_history(history: list[dict[str, Any]], out_dir: str | Path) -> None:
     x = list(range(1, len(history) + 1))
 
     def series(key: str) -> list[float]:
-        return [h.get(key, float("nan")) if h.get(key) is not None else float("nan")
-                for h in history]
+        return [
+            h.get(key, float("nan")) if h.get(key) is not None else float("nan") for h in history
+        ]
 
     def stage_lines(ax: Any) -> None:
         for i in range(1, len(history)):
@@ -74,7 +75,14 @@ def plot_confusion(matrix: list[list[int]], classes: list[str], path: str | Path
     if n <= 20:
         for i in range(n):
             for j in range(n):
-                ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if norm[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{norm[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if norm[i, j] > 0.5 else "black",
+                )
     fig.colorbar(im, fraction=0.046, pad=0.04)
     _save(fig, Path(path))

@@ -100,18 +100,29 @@ def resolve_channels(data: dict[str, Any]) -> int:
     return infer_channels(first)
 
 
-def build_dataset(cfg: dict[str, Any], split: str, train: bool, labels: LabelSpec | None = None,
-                  channels: int | None = None) -> Dataset:
+def build_dataset(
+    cfg: dict[str, Any],
+    split: str,
+    train: bool,
+    labels: LabelSpec | None = None,
+    channels: int | None = None,
+) -> Dataset:
     data = cfg["data"]
     labels = labels or label_spec(data)
     channels = channels or resolve_channels(data)
     mean, std = normalization(data["normalize"], data["mean"], data["std"])
     if train:
         transform = JointTransform(
-            crop_size=data["crop_size"], hflip=data["hflip"], vflip=data["vflip"],
-            scale_range=data["scale_range"], mean=mean, std=std, ignore_index=labels.ignore_index,
+            crop_size=data["crop_size"],
+            hflip=data["hflip"],
+            vflip=data["vflip"],
+            scale_range=data["scale_range"],
+            mean=mean,
+            std=std,
+            ignore_index=labels.ignore_index,
         )
     else:
         transform = JointTransform(mean=mean, std=std)
-    return SegmentationDataset(split_pairs(data, split), labels, channels, transform,
-                               cache=bool(data["cache"]))
+    return SegmentationDataset(
+        split_pairs(data, split), labels, channels, transform, cache=bool(data["cache"])
+    )

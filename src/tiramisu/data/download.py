@@ -27,8 +27,9 @@ def download_camvid(dest: str | Path, repo: str | None = None, timeout: float = 
         raise DataError(f"{dest}: exists and is not empty; choose an empty or new folder")
     if shutil.which("git") is None:
         raise DataError("downloading CamVid needs git on PATH")
-    with tempfile.TemporaryDirectory(prefix="camvid-", dir=dest.parent if dest.parent.exists()
-                                     else None) as tmp:
+    with tempfile.TemporaryDirectory(
+        prefix="camvid-", dir=dest.parent if dest.parent.exists() else None
+    ) as tmp:
         clone = Path(tmp) / "repo"
         steps = [
             ["git", "clone", "--depth", "1", "--filter=blob:none", "--sparse", repo, str(clone)],
@@ -36,12 +37,20 @@ def download_camvid(dest: str | Path, repo: str | None = None, timeout: float = 
         ]
         for cmd in steps:
             try:
-                subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=timeout,
-                               env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})
+                subprocess.run(
+                    cmd,
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                    timeout=timeout,
+                    env={**os.environ, "GIT_TERMINAL_PROMPT": "0"},
+                )
             except subprocess.CalledProcessError as e:
                 reason = (e.stderr or e.stdout or "").strip().splitlines()
-                raise DataError(f"could not download CamVid from {repo} (offline?): "
-                                f"{reason[-1] if reason else 'git failed'}") from None
+                raise DataError(
+                    f"could not download CamVid from {repo} (offline?): "
+                    f"{reason[-1] if reason else 'git failed'}"
+                ) from None
             except subprocess.TimeoutExpired:
                 raise DataError(f"could not download CamVid from {repo}: timed out") from None
         src = clone / "CamVid"

@@ -52,8 +52,11 @@ class LabelSpec:
         return len(self.classes)
 
     def to_json(self) -> dict[str, Any]:
-        return {"classes": self.classes, "colors": [list(c) for c in self.colors],
-                "ignore_index": self.ignore_index}
+        return {
+            "classes": self.classes,
+            "colors": [list(c) for c in self.colors],
+            "ignore_index": self.ignore_index,
+        }
 
 
 def default_colors(n: int) -> list[tuple[int, int, int]]:
@@ -98,8 +101,11 @@ def load_palette(path: str | Path, ignore_index: int = 255) -> LabelSpec:
         raise DataError(f"{path}: palette must map class names to [r, g, b]")
     classes, colors, palette = [], [], {}
     for name, rgb in raw.items():
-        if (not isinstance(rgb, list | tuple) or len(rgb) != 3
-                or not all(isinstance(v, int) and 0 <= v <= 255 for v in rgb)):
+        if (
+            not isinstance(rgb, list | tuple)
+            or len(rgb) != 3
+            or not all(isinstance(v, int) and 0 <= v <= 255 for v in rgb)
+        ):
             raise DataError(f"{path}: colour of {name!r} must be [r, g, b] with 0..255, got {rgb}")
         color = (int(rgb[0]), int(rgb[1]), int(rgb[2]))
         if color in palette:
@@ -146,8 +152,10 @@ def camvid_pairs(root: str | Path, split: str) -> list[tuple[Path, Path]]:
     """The SegNet tutorial layout: ``root/{split}`` with masks in ``root/{split}annot``."""
     root = Path(root)
     if not (root / split).is_dir():
-        raise DataError(f"{root / split}: no such folder (expected CamVid's SegNet layout with "
-                        f"train/, trainannot/, val/, valannot/, test/, testannot/)")
+        raise DataError(
+            f"{root / split}: no such folder (expected CamVid's SegNet layout with "
+            f"train/, trainannot/, val/, valannot/, test/, testannot/)"
+        )
     return pair_by_stem(root / split, root / f"{split}annot")
 
 
@@ -186,8 +194,10 @@ def read_mask(path: Path, labels: LabelSpec) -> np.ndarray:
             if labels.palette is not None:
                 return _decode_colors(path, np.asarray(im.convert("RGB")), labels)
             if im.mode in ("RGB", "RGBA"):
-                raise DataError(f"{path}: colour-coded mask but no palette was given "
-                                f"(set data.palette to a JSON/YAML name -> [r, g, b] file)")
+                raise DataError(
+                    f"{path}: colour-coded mask but no palette was given "
+                    f"(set data.palette to a JSON/YAML name -> [r, g, b] file)"
+                )
             arr = np.asarray(im).astype(np.int64)
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
         raise DataError(f"{path}: cannot read mask ({e})") from None
@@ -203,7 +213,9 @@ def read_mask(path: Path, labels: LabelSpec) -> np.ndarray:
 
 def _decode_colors(path: Path, rgb: np.ndarray, labels: LabelSpec) -> np.ndarray:
     assert labels.palette is not None
-    packed = (rgb[..., 0].astype(np.int64) << 16) | (rgb[..., 1].astype(np.int64) << 8) | rgb[..., 2]
+    packed = (
+        (rgb[..., 0].astype(np.int64) << 16) | (rgb[..., 1].astype(np.int64) << 8) | rgb[..., 2]
+    )
     keys = np.array([(r << 16) | (g << 8) | b for r, g, b in labels.palette], dtype=np.int64)
     values = np.array(list(labels.palette.values()), dtype=np.int64)
     order = np.argsort(keys)
@@ -212,7 +224,9 @@ def _decode_colors(path: Path, rgb: np.ndarray, labels: LabelSpec) -> np.ndarray
     found = keys[pos] == packed
     if not found.all():
         y, x = np.argwhere(~found)[0]
-        raise DataError(f"{path}: colour {rgb[y, x].tolist()} at (x={x}, y={y}) is not in the palette")
+        raise DataError(
+            f"{path}: colour {rgb[y, x].tolist()} at (x={x}, y={y}) is not in the palette"
+        )
     return values[pos]
 
 
@@ -220,8 +234,10 @@ def check_labels(path: Path, mask: np.ndarray, labels: LabelSpec) -> None:
     bad = (mask != labels.ignore_index) & ((mask < 0) | (mask >= labels.num_classes))
     if bad.any():
         values = sorted(int(v) for v in np.unique(mask[bad]))[:5]
-        raise DataError(f"{path}: label values {values} are outside the {labels.num_classes} "
-                        f"classes (0..{labels.num_classes - 1}, ignore {labels.ignore_index})")
+        raise DataError(
+            f"{path}: label values {values} are outside the {labels.num_classes} "
+            f"classes (0..{labels.num_classes - 1}, ignore {labels.ignore_index})"
+        )
 
 
 class SegmentationDataset(Dataset):
@@ -258,8 +274,10 @@ class SegmentationDataset(Dataset):
         image = read_image(image_path, self.channels)
         mask = read_mask(mask_path, self.labels)
         if image.shape[:2] != mask.shape:
-            raise DataError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but "
-                            f"{image_path.name} is {image.shape[1]}x{image.shape[0]}")
+            raise DataError(
+                f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but "
+                f"{image_path.name} is {image.shape[1]}x{image.shape[0]}"
+            )
         if self.cache:
             # Small integer types keep CamVid's training set around 250 MB in memory.
             if mask.min() >= 0 and mask.max() < 256:
@@ -286,8 +304,10 @@ class SegmentationDataset(Dataset):
                 raise DataError(f"{image_path}: cannot read image ({e})") from None
             mask = read_mask(mask_path, self.labels)
             if (mask.shape[1], mask.shape[0]) != size:
-                raise DataError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but "
-                                f"{image_path.name} is {size[0]}x{size[1]}")
+                raise DataError(
+                    f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but "
+                    f"{image_path.name} is {size[0]}x{size[1]}"
+                )
             check_labels(mask_path, mask, self.labels)
             if self.cache and i not in self._cache:
                 self.load(i)

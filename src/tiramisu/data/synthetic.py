@@ -14,11 +14,19 @@ import numpy as np
 from PIL import Image
 
 SYNTHETIC_CLASSES = ["sky", "ground", "road", "box", "disc", "pole"]
-SYNTHETIC_COLORS = [(128, 128, 128), (107, 142, 35), (128, 64, 128), (64, 0, 128),
-                    (220, 20, 60), (192, 192, 128)]
+SYNTHETIC_COLORS = [
+    (128, 128, 128),
+    (107, 142, 35),
+    (128, 64, 128),
+    (64, 0, 128),
+    (220, 20, 60),
+    (192, 192, 128),
+]
 
 
-def render_scene(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+def render_scene(
+    rng: np.random.Generator, height: int, width: int
+) -> tuple[np.ndarray, np.ndarray]:
     mask = np.zeros((height, width), dtype=np.uint8)
     horizon = int(height * rng.uniform(0.3, 0.5))
     mask[horizon:] = 1
@@ -29,14 +37,14 @@ def render_scene(rng: np.random.Generator, height: int, width: int) -> tuple[np.
         w, h = rng.integers(width // 8, width // 3), rng.integers(height // 10, height // 4)
         x0 = rng.integers(0, width - w)
         y1 = rng.integers(road_top, height)
-        mask[max(0, y1 - h):y1, x0:x0 + w] = 3
+        mask[max(0, y1 - h) : y1, x0 : x0 + w] = 3
     for _ in range(rng.integers(1, 4)):
         r = rng.integers(max(3, height // 20), max(4, height // 8))
         cy, cx = rng.integers(r, height - r), rng.integers(r, width - r)
         mask[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = 4
     for _ in range(rng.integers(0, 3)):
         x0 = rng.integers(0, width - 3)
-        mask[rng.integers(0, horizon + 1):road_top, x0:x0 + rng.integers(2, 5)] = 5
+        mask[rng.integers(0, horizon + 1) : road_top, x0 : x0 + rng.integers(2, 5)] = 5
     base = np.array(SYNTHETIC_COLORS, dtype=np.float32)
     jitter = rng.normal(0, 25, size=base.shape).astype(np.float32)
     image = (base + jitter)[mask]
@@ -44,8 +52,13 @@ def render_scene(rng: np.random.Generator, height: int, width: int) -> tuple[np.
     return np.clip(image, 0, 255).astype(np.uint8), mask
 
 
-def make_synthetic_dataset(root: str | Path, n_train: int = 48, n_val: int = 16,
-                           size: tuple[int, int] = (96, 128), seed: int = 0) -> Path:
+def make_synthetic_dataset(
+    root: str | Path,
+    n_train: int = 48,
+    n_val: int = 16,
+    size: tuple[int, int] = (96, 128),
+    seed: int = 0,
+) -> Path:
     """Write ``root/{train,val}/{images,masks}/*.png``; returns ``root``."""
     root = Path(root)
     rng = np.random.default_rng(seed)

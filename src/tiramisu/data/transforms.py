@@ -31,11 +31,18 @@ class JointTransform:
         ops: list[v2.Transform] = []
         if scale_range is not None:
             lo, hi = (float(v) for v in scale_range)
-            ops.append(v2.RandomAffine(degrees=0.0, scale=(lo, hi), fill=fill,
-                                       interpolation=v2.InterpolationMode.BILINEAR))
+            ops.append(
+                v2.RandomAffine(
+                    degrees=0.0,
+                    scale=(lo, hi),
+                    fill=fill,
+                    interpolation=v2.InterpolationMode.BILINEAR,
+                )
+            )
         if crop_size is not None:
-            ops.append(v2.RandomCrop(tuple(int(v) for v in crop_size), pad_if_needed=True,
-                                     fill=fill))
+            ops.append(
+                v2.RandomCrop(tuple(int(v) for v in crop_size), pad_if_needed=True, fill=fill)
+            )
         if hflip:
             ops.append(v2.RandomHorizontalFlip())
         if vflip:
@@ -43,7 +50,9 @@ class JointTransform:
         self.geometric = v2.Compose(ops) if ops else None
         self.normalize = v2.Normalize(list(mean), list(std)) if mean is not None else None
 
-    def __call__(self, image: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, image: torch.Tensor, target: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.geometric is not None:
             image, target = self.geometric(tv_tensors.Image(image), tv_tensors.Mask(target))
             image = image.as_subclass(torch.Tensor)
@@ -53,9 +62,10 @@ class JointTransform:
         return image, target
 
 
-def normalization(kind: str, mean: Sequence[float] | None = None,
-                  std: Sequence[float] | None = None) -> tuple[list[float] | None, list[float] | None]:
-    """``unit`` (the paper: [0, 1], nothing else), ``imagenet``, or ``mean_std`` with given values."""
+def normalization(
+    kind: str, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
+) -> tuple[list[float] | None, list[float] | None]:
+    """``unit`` (the paper: [0, 1] only), ``imagenet``, or ``mean_std`` with given values."""
     if kind == "unit":
         return None, None
     if kind == "imagenet":
