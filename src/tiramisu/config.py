@@ -58,10 +58,11 @@ DEFAULTS: dict[str, Any] = {
         "vflip": False,
         "scale_range": None,  # e.g. [0.75, 1.25]
         "pad_crop": 4,  # classification: zero-pad then random crop back to the input size
-        "normalize": "unit",  # unit ([0, 1], the paper) | imagenet | mean_std
+        "normalize": "unit",  # unit ([0, 1], the paper) | imagenet | cifar10 | mean_std
         "mean": None,
         "std": None,
         "val_fraction": 0.1,  # classification folders without a val split
+        "download": False,  # cifar10: fetch cifar-10-batches-py into root if missing
         "cache": True,
         "num_workers": 0,
         "validate": True,

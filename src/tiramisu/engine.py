@@ -445,7 +445,7 @@ def _train(
             model = torch.compile(model)
 
         train_ds = data["train"]
-        if stage == "finetune" and hasattr(train_ds, "transform"):
+        if stage == "finetune" and cfg["task"] == "segmentation":
             train_ds = _with_crop(cfg, data, scfg.get("crop_size"))
         val_sampler = ShardSampler(len(data["val"]), rt.rank, rt.world_size)
         val_loader = _loader(
@@ -477,7 +477,7 @@ def _train(
                 drop_last=len(train_ds) > int(scfg["batch_size"]),
             )
             t0 = time.perf_counter()
-            train_loss, n_images = _train_one_epoch(
+            train_loss, n_images, train_acc = _train_one_epoch(
                 model,
                 loader,
                 criterion,
@@ -559,7 +559,7 @@ def _train(
                 _log_epoch(writer, record, len(history.records))
                 from .plots import plot_history
 
-                plot_history(history.records, out)
+                plot_history(history.records, out, cfg["task"])
                 log(_epoch_line(record))
             if deadline is not None and _all_agree(time.monotonic() >= deadline, rt):
                 log(f"time budget of {tcfg['max_minutes']} minutes used up; stopping")
@@ -601,6 +601,8 @@ def _train_one_epoch(
 
     model.train()
     total, count, n_images = 0.0, 0, 0
+    correct = torch.zeros((), dtype=torch.float64, device=rt.device)
+    labelled = torch.zeros((), dtype=torch.float64, device=rt.device)
     max_steps = scfg.get("max_steps_per_epoch")
     steps = len(loader) if max_steps is None else min(len(loader), int(max_steps))
     bar = tqdm(
@@ -641,6 +643,10 @@ def _train_one_epoch(
             nn.utils.clip_grad_norm_(model.parameters(), float(scfg["grad_clip"]))
         scaler.step(optimizer)
         scaler.update()
+        with torch.no_grad():
+            valid = (targets >= 0) & (targets != getattr(criterion, "ignore_index", -100))
+            correct += ((logits.argmax(1) == targets) & valid).sum()
+            labelled += valid.sum()
         total += loss.item() * images.shape[0]
         count += images.shape[0]
         n_images += images.shape[0] * rt.world_size
@@ -649,10 +655,21 @@ def _train_one_epoch(
             loss=f"{loss.item():.4f}", img_s=f"{n_images / (time.perf_counter() - t0):.2f}"
         )
     bar.close()
-    mean = torch.tensor([total, count], dtype=torch.float64, device=rt.device)
+    sums = torch.stack(
+        [
+            torch.tensor(total, dtype=torch.float64, device=rt.device),
+            torch.tensor(float(count), dtype=torch.float64, device=rt.device),
+            correct,
+            labelled,
+        ]
+    )
     if rt.distributed:
-        dist.all_reduce(mean)
-    return (mean[0] / mean[1].clamp(min=1)).item(), n_images
+        dist.all_reduce(sums)
+    return (
+        (sums[0] / sums[1].clamp(min=1)).item(),
+        n_images,
+        (sums[2] / sums[3].clamp(min=1)).item(),
+    )
 
 
 def _all_agree(flag: bool, rt: Runtime) -> bool:
@@ -751,12 +768,18 @@ def write_report(
     quiet: bool = False,
     json_path: Path | None = None,
 ) -> str:
+    from .metrics import format_classification_report
     from .plots import plot_confusion
 
-    paper = PAPER_CAMVID.get(cfg["model"]["name"]) if cfg["data"]["dataset"] == "camvid" else None
-    text = format_report(metrics, classes, paper)
-    if paper:
-        text += f"\n(paper column: Jégou et al. 2017, Table 3, CamVid test set; ours: {split})"
+    if cfg["task"] == "classification":
+        metrics["top1_error"] = 1.0 - metrics["global_accuracy"]
+        text = format_classification_report(metrics, classes)
+    else:
+        is_camvid = cfg["data"]["dataset"] == "camvid"
+        paper = PAPER_CAMVID.get(cfg["model"]["name"]) if is_camvid else None
+        text = format_report(metrics, classes, paper)
+        if paper:
+            text += f"\n(paper column: Jégou et al. 2017, Table 3, CamVid test set; ours: {split})"
     out.mkdir(parents=True, exist_ok=True)
     json_path = json_path or out / "metrics.json"
     tmp = json_path.with_name(f".{json_path.name}.tmp")

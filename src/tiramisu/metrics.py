@@ -130,3 +130,16 @@ def format_report(
     )
     lines.append(f"{'mean class acc':<14}{pct(metrics['mean_class_accuracy'])}")
     return "\n".join(lines)
+
+
+def format_classification_report(metrics: dict[str, Any], classes: list[str]) -> str:
+    """Top-1 error and per-class accuracy (%)."""
+    lines = [f"{'class':<14}{'acc %':>8}{'samples':>10}", "-" * 32]
+    for i, name in enumerate(classes):
+        acc = metrics["class_accuracy"][i]
+        shown = "     n/a" if acc != acc else f"{100 * acc:8.2f}"
+        lines.append(f"{name:<14}{shown}{metrics['support'][i]:>10,}")
+    lines.append("-" * 32)
+    lines.append(f"top-1 error   {100 * (1 - metrics['global_accuracy']):8.2f} %")
+    lines.append(f"accuracy      {100 * metrics['global_accuracy']:8.2f} %")
+    return "\n".join(lines)

@@ -20,8 +20,10 @@ def _save(fig: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def plot_history(history: list[dict[str, Any]], out_dir: str | Path) -> None:
-    """``loss.png``, ``miou.png`` (or top-1 error for classifiers) and ``accuracy.png``."""
+def plot_history(
+    history: list[dict[str, Any]], out_dir: str | Path, task: str = "segmentation"
+) -> None:
+    """``loss.png``, ``miou.png`` (``error.png`` for classifiers) and ``accuracy.png``."""
     out_dir = Path(out_dir)
     if not history:
         return
@@ -46,10 +48,18 @@ def plot_history(history: list[dict[str, Any]], out_dir: str | Path) -> None:
     _save(fig, out_dir / "loss.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(x, [100 * v for v in series("val_miou")], label="val mean IoU")
-    ax.set(xlabel="epoch", ylabel="%", title="Validation mean IoU")
+    if task == "classification":
+        ax.plot(x, [100 * (1 - v) for v in series("val_accuracy")], label="val top-1 error")
+        ax.plot(x, [100 * (1 - v) for v in series("train_accuracy")], label="train top-1 error")
+        ax.set(xlabel="epoch", ylabel="%", title="Top-1 error")
+        ax.legend()
+        name = "error.png"
+    else:
+        ax.plot(x, [100 * v for v in series("val_miou")], label="val mean IoU")
+        ax.set(xlabel="epoch", ylabel="%", title="Validation mean IoU")
+        name = "miou.png"
     stage_lines(ax)
-    _save(fig, out_dir / "miou.png")
+    _save(fig, out_dir / name)
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(x, [100 * v for v in series("val_accuracy")], label="global accuracy")
