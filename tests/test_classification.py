@@ -84,9 +84,8 @@ def test_classification_trains_on_the_same_loop_and_evaluate_reproduces(tmp_path
 
 
 def test_cifar_python_batches(tmp_path, monkeypatch):
-    from torchvision.datasets import CIFAR10
-
     import torchvision.datasets.cifar as cifar_module
+    from torchvision.datasets import CIFAR10
 
     # The fixture's batches are fakes, so skip torchvision's md5 checks of the real files.
     monkeypatch.setattr(CIFAR10, "_check_integrity", lambda self: True)

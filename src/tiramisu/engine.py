@@ -477,7 +477,7 @@ def _train(
                 drop_last=len(train_ds) > int(scfg["batch_size"]),
             )
             t0 = time.perf_counter()
-            train_loss, n_images, train_acc = _train_one_epoch(
+            train_loss, n_images, _train_acc = _train_one_epoch(
                 model,
                 loader,
                 criterion,

@@ -109,7 +109,7 @@ def stratified_split(
     for c in np.unique(labels_arr):
         idx = np.flatnonzero(labels_arr == c)
         perm = idx[torch.randperm(len(idx), generator=g).numpy()]
-        n_val = int(round(fraction * len(idx)))
+        n_val = round(fraction * len(idx))
         val_idx += perm[:n_val].tolist()
         train_idx += perm[n_val:].tolist()
     return sorted(train_idx), sorted(val_idx)
@@ -178,7 +178,7 @@ def _sources(cfg: dict[str, Any]) -> dict[str, Any]:
         out["train"] = ([paths[i] for i in tr], [labels[i] for i in tr])
         out["val"] = ([paths[i] for i in va], [labels[i] for i in va])
     if (root / "test").is_dir():
-        tc, tp, tl = scan_class_folders(root / "test")
+        _tc, tp, tl = scan_class_folders(root / "test")
         out["test"] = (tp, tl)
     return out
 
