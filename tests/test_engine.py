@@ -222,7 +222,7 @@ def test_torchrun_two_processes_gloo_metrics_equal_single_process(scenes, tmp_pa
     assert ddp["miou"] == pytest.approx(single["miou"])
 
 
-def test_batch_statistics_mode_uses_batch_stats_without_touching_running_ones():
+def test_batch_statistics_mode_is_per_image_train_mode_bn_without_touching_running_stats():
     model = FCDenseNet(
         growth_rate=4,
         down_blocks=(1,),
@@ -231,20 +231,21 @@ def test_batch_statistics_mode_uses_batch_stats_without_touching_running_ones():
         num_classes=3,
         dropout=0.0,
     )
-    x = torch.randn(2, 3, 16, 16)
+    x = torch.randn(3, 3, 16, 16)
     model.train()
     with torch.no_grad():
-        train_out = model(x)  # updates running stats once
+        # The paper's setting: BatchNorm in training mode, one image at a time.
+        reference = torch.cat([model(x[i : i + 1]) for i in range(3)])
     running = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
     model.eval()
     with torch.no_grad(), batch_statistics(model):
-        batch_out = model(x)
-    torch.testing.assert_close(batch_out, train_out)
+        per_image = model(x)
+    torch.testing.assert_close(per_image, reference, rtol=1e-4, atol=1e-5)
     for k, v in model.state_dict().items():
         if "running" in k:
             assert torch.equal(v, running[k])
     with torch.no_grad():
-        assert not torch.allclose(model(x), batch_out)  # running stats differ from batch stats
+        assert not torch.allclose(model(x), per_image)  # outside the block: running stats again
 
 
 def test_checkpoint_loading_refuses_code(tmp_path):

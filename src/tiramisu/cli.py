@@ -103,6 +103,71 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .inference import Segmenter, expand_inputs, predict_files
+
+    if args.overlap is not None and args.tile is None:
+        raise ValueError("--overlap needs --tile")
+    segmenter = Segmenter.load(args.checkpoint, device=_device(args.device), amp=args.amp)
+    paths, problems = expand_inputs(args.inputs)
+    done, failed = predict_files(
+        segmenter,
+        paths,
+        Path(args.out),
+        batch_size=args.batch_size,
+        tta=args.tta,
+        tile=args.tile,
+        overlap=args.overlap if args.overlap is not None else 64,
+        save_overlay=args.overlay,
+        save_probs=args.probs,
+        alpha=args.alpha,
+        progress=not args.quiet,
+    )
+    problems += failed
+    for p in problems:
+        print(f"tiramisu: skipped: {p}", file=sys.stderr)
+    print(
+        f"segmented {done} image(s) into {args.out}"
+        + (f"; {len(problems)} problem(s)" if problems else "")
+    )
+    return 1 if problems else 0
+
+
+def cmd_export_weights(args: argparse.Namespace) -> int:
+    from .checkpoint import load_checkpoint
+    from .pretrained import build_model, check_state_dict, config_from_checkpoint, save_pretrained
+
+    ckpt = load_checkpoint(args.checkpoint)
+    config = config_from_checkpoint(ckpt)
+    model = build_model(config)
+    check_state_dict(model, ckpt["model"], config, args.checkpoint)
+    model.load_state_dict(ckpt["model"])
+    save_pretrained(model, config, args.out)
+    print(f"wrote {args.out}/config.json and model.safetensors")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_onnx, export_torchscript
+    from .pretrained import load_any
+
+    model, config = load_any(args.checkpoint)
+    if args.format == "onnx":
+        export_onnx(model, config, args.out, opset=args.opset)
+    else:
+        export_torchscript(model, config, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -172,6 +237,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("predict", help="segment images, folders or globs into mask PNGs")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="training checkpoint (.pt), pretrained directory or Hub id, or .onnx file",
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or globs")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
+    p.add_argument("--tta", action="store_true", help="average with a horizontally flipped pass")
+    p.add_argument("--tile", type=int, help="sliding-window tile size for large images")
+    p.add_argument("--overlap", type=int, help="tile overlap in pixels (default 64)")
+    p.add_argument("--overlay", action="store_true", help="also write NAME_overlay.png")
+    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
+    p.add_argument("--probs", action="store_true", help="also write NAME_probs.npz")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
+        "export-weights",
+        help="training checkpoint -> shareable safetensors + config.json directory",
+    )
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_export_weights)
+
+    p = sub.add_parser("export", help="export to ONNX (dynamic batch/H/W) or TorchScript")
+    p.add_argument("--checkpoint", required=True, help="training checkpoint or pretrained dir")
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript"])
+    p.add_argument("--out", required=True)
+    p.add_argument("--opset", type=int, default=17)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("download", help="download a dataset (needs internet)")
     p.add_argument("dataset", choices=["camvid"])

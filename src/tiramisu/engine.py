@@ -199,13 +199,7 @@ def evaluate(
             images = to_device(images, device, channels_last)
             targets = targets.to(device, non_blocking=True)
             with autocast_context(device, amp):
-                if bn_eval == "batch":
-                    # Batch statistics make an image's output depend on its batch-mates; one
-                    # image at a time (the paper's test setting) keeps results independent of
-                    # eval_batch_size and of how torchrun shards the split.
-                    logits = torch.cat([model(images[i : i + 1]) for i in range(len(images))])
-                else:
-                    logits = model(images)
+                logits = model(images)
             logits = logits.float()
             if criterion is not None:
                 valid = targets != ignore_index if ignore_index is not None else None

@@ -1,41 +1,452 @@
-"""Turning logits into masks and pictures."""
+"""Segmenting images: preprocessing that travels with the weights, TTA, tiling, file output.
+
+``Segmenter`` wraps a model (PyTorch, or an ONNX file run by onnxruntime) together with its
+pretrained config, so ``Segmenter.from_pretrained(dir).predict("photo.jpg")`` needs no knowledge
+of how the model was trained.
+"""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+import glob
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
-from torch import nn
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor, nn
 
+from .data.segmentation import IMAGE_EXTENSIONS
+from .errors import CheckpointError, DataError
 from .models import batch_statistics
+
+ImageLike = str | Path | Image.Image | np.ndarray | Tensor
 
 
 def colorize(
     mask: np.ndarray, colors: Sequence[Sequence[int]], ignore_color=(0, 0, 0)
 ) -> np.ndarray:
     """H x W class indices -> H x W x 3 uint8 using the class colours (others: ``ignore_color``)."""
-    lut = np.zeros((256 if mask.max(initial=0) < 256 else int(mask.max()) + 1, 3), dtype=np.uint8)
+    size = max(256, int(mask.max(initial=0)) + 1)
+    lut = np.zeros((size, 3), dtype=np.uint8)
     lut[:] = ignore_color
     lut[: len(colors)] = np.asarray(colors, dtype=np.uint8)
     return lut[mask]
 
 
+def overlay(image_rgb: np.ndarray, colored: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    blend = (1 - alpha) * image_rgb.astype(np.float32) + alpha * colored.astype(np.float32)
+    return np.clip(blend + 0.5, 0, 255).astype(np.uint8)
+
+
+def load_image(path: str | Path) -> Image.Image:
+    try:
+        im = Image.open(path)
+        im.load()
+        return im
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: cannot read image ({e})") from None
+
+
+def image_to_array(image: Image.Image, channels: int) -> np.ndarray:
+    """PIL image of any mode -> H x W x C float32 in [0, 1] with the model's channel count."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.clip(np.asarray(image, dtype=np.float32) / 65535.0, 0, 1)[..., None]
+        return np.repeat(arr, channels, axis=2) if channels == 3 else arr
+    mode = {1: "L", 3: "RGB", 4: "RGBA"}[channels]
+    arr = np.asarray(image.convert(mode), dtype=np.float32) / 255.0
+    return arr[..., None] if channels == 1 else arr
+
+
+def display_rgb(image: Image.Image) -> np.ndarray:
+    """8-bit RGB version of any input, for overlays."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = (np.asarray(image, dtype=np.float32) / 257.0).clip(0, 255).astype(np.uint8)
+        return np.repeat(arr[..., None], 3, axis=2)
+    return np.asarray(image.convert("RGB"))
+
+
+@dataclass
+class OnnxModel:
+    """An exported ONNX model behind the same ``logits = model(x)`` call as a PyTorch one."""
+
+    path: Path
+    session: Any = field(repr=False)
+
+    @classmethod
+    def load(cls, path: str | Path) -> tuple[OnnxModel, dict[str, Any]]:
+        import json
+
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise CheckpointError(
+                "running .onnx files needs onnxruntime (pip install 'tiramisu[export]')"
+            ) from None
+        try:
+            session = ort.InferenceSession(str(path), providers=ort.get_available_providers())
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise CheckpointError(f"{path}: not a loadable ONNX model ({str(e)[:200]})") from None
+        meta = session.get_modelmeta().custom_metadata_map
+        if "tiramisu_config" not in meta:
+            raise CheckpointError(
+                f"{path}: no tiramisu config in the ONNX metadata "
+                f"(export it with 'tiramisu export')"
+            )
+        return cls(Path(path), session), json.loads(meta["tiramisu_config"])
+
+    def __call__(self, x: Tensor) -> Tensor:
+        name = self.session.get_inputs()[0].name
+        out = self.session.run(None, {name: x.detach().float().cpu().numpy()})[0]
+        return torch.from_numpy(out)
+
+    def eval(self) -> OnnxModel:
+        return self
+
+    def to(self, *_: Any, **__: Any) -> OnnxModel:
+        return self
+
+
+class Segmenter:
+    """A model plus its preprocessing: ``predict`` takes a path, PIL image, array or tensor."""
+
+    def __init__(
+        self,
+        model: nn.Module | OnnxModel,
+        config: dict[str, Any],
+        device: str | torch.device = "cpu",
+        amp: str = "none",
+        channels_last: bool = False,
+    ) -> None:
+        self.model = model
+        self.config = config
+        self.device = torch.device(device)
+        self.amp = amp
+        self.channels_last = channels_last
+        self.is_onnx = isinstance(model, OnnxModel)
+        if not self.is_onnx:
+            self.model = model.to(self.device).eval()
+            if channels_last:
+                self.model = self.model.to(memory_format=torch.channels_last)
+        pre = config["preprocessing"]
+        self.channels = int(pre["channels"])
+        self.mean = torch.tensor(pre["mean"]).view(-1, 1, 1) if pre.get("mean") else None
+        self.std = torch.tensor(pre["std"]).view(-1, 1, 1) if pre.get("std") else None
+        self.classes: list[str] = list(config["classes"])
+        self.colors = [tuple(c) for c in config["colors"]]
+        self.bn_eval = config.get("bn_eval", "running")
+        self.min_size = getattr(
+            model, "min_size", 2 ** len(config["model_config"].get("down_blocks", [0] * 5))
+        )
+
+    # ----------------------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | Path, device: str = "cpu", **kw: Any) -> Segmenter:
+        from .pretrained import load_pretrained
+
+        model, config = load_pretrained(path_or_id)
+        return cls(model, config, device, **kw)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu", **kw: Any) -> Segmenter:
+        """A training checkpoint, a pretrained directory or Hub id, or an ``.onnx`` file."""
+        if str(path).endswith(".onnx"):
+            model, config = OnnxModel.load(path)
+            return cls(model, config, "cpu")
+        from .pretrained import load_any
+
+        model, config = load_any(path, device)
+        return cls(model, config, device, **kw)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        from .pretrained import save_pretrained
+
+        if self.is_onnx:
+            raise CheckpointError("an ONNX model cannot be saved as safetensors weights")
+        return save_pretrained(self.model, self.config, directory)
+
+    # ----------------------------------------------------------------------------- inference
+    def preprocess(self, image: ImageLike) -> Tensor:
+        """-> C x H x W float tensor, scaled and normalised as at training time."""
+        if isinstance(image, str | Path):
+            image = load_image(image)
+        if isinstance(image, Image.Image):
+            x = torch.from_numpy(image_to_array(image, self.channels).transpose(2, 0, 1).copy())
+        elif isinstance(image, np.ndarray):
+            arr = image
+            if arr.ndim == 2:
+                arr = arr[..., None]
+            if arr.dtype == np.uint8:
+                arr = arr.astype(np.float32) / 255.0
+            elif arr.dtype == np.uint16:
+                arr = arr.astype(np.float32) / 65535.0
+            x = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).float()
+        elif isinstance(image, Tensor):
+            x = image.detach().float().cpu()  # assumed already scaled to [0, 1]
+            if x.dim() == 4 and x.shape[0] == 1:
+                x = x[0]
+            if x.dim() == 2:
+                x = x[None]
+        else:
+            raise TypeError(f"cannot segment a {type(image).__name__}")
+        if x.dim() != 3:
+            raise ValueError(f"expected a single image, got shape {tuple(x.shape)}")
+        if x.shape[0] != self.channels:
+            if x.shape[0] == 1 and self.channels == 3:
+                x = x.expand(3, -1, -1)
+            elif x.shape[0] == 4 and self.channels == 3:
+                x = x[:3]
+            elif x.shape[0] in (3, 4) and self.channels == 1:
+                x = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2])[None]
+            else:
+                raise ValueError(
+                    f"image has {x.shape[0]} channels; the model takes {self.channels}"
+                )
+        if self.mean is not None:
+            x = (x - self.mean) / self.std
+        return x
+
+    def _logits(self, x: Tensor) -> Tensor:
+        """Raw logits for a preprocessed N x C x H x W batch, padded up to the model's minimum."""
+        h, w = x.shape[-2:]
+        pad_h, pad_w = max(0, self.min_size - h), max(0, self.min_size - w)
+        if pad_h or pad_w:  # tiny images: reflect-pad to the smallest valid size, crop after
+            mode = "reflect" if pad_h < h and pad_w < w else "replicate"
+            x = F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
+        if self.is_onnx:
+            return self.model(x)[..., :h, :w]
+        x = x.to(self.device)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        from .engine import autocast_context
+
+        bn = batch_statistics(self.model) if self.bn_eval == "batch" else contextlib.nullcontext()
+        with torch.inference_mode(), bn, autocast_context(self.device, self.amp):
+            return self.model(x).float()[..., :h, :w]
+
+    def predict_proba_batch(
+        self, x: Tensor, tta: bool = False, tile: int | None = None, overlap: int = 64
+    ) -> Tensor:
+        """Class probabilities (N x K x H x W, CPU float32) for a preprocessed batch."""
+
+        def run(batch: Tensor) -> Tensor:
+            if tile is not None and (batch.shape[-2] > tile or batch.shape[-1] > tile):
+                return torch.cat(
+                    [
+                        tiled_proba(self._probs, b[None], tile, overlap, align=self.min_size)
+                        for b in batch
+                    ]
+                )
+            return self._probs(batch)
+
+        probs = run(x)
+        if tta:  # horizontal flip test-time augmentation: average with the un-flipped result
+            probs = 0.5 * (probs + run(x.flip(-1)).flip(-1))
+        return probs
+
+    def _probs(self, x: Tensor) -> Tensor:
+        return torch.softmax(self._logits(x), dim=1).cpu()
+
+    def predict_proba(self, image: ImageLike, **kw: Any) -> np.ndarray:
+        """K x H x W probabilities for one image."""
+        return self.predict_proba_batch(self.preprocess(image)[None], **kw)[0].numpy()
+
+    def predict(self, image: ImageLike, **kw: Any) -> np.ndarray:
+        """H x W class-index mask (uint8 for up to 256 classes) with the input's size."""
+        probs = self.predict_proba_batch(self.preprocess(image)[None], **kw)[0]
+        mask = probs.argmax(0).numpy()
+        return mask.astype(np.uint8 if len(self.classes) <= 256 else np.int32)
+
+
+def _ramp(length: int, overlap: int, at_start: bool, at_end: bool) -> Tensor:
+    """1-D blending weights: 0 -> 1 over ``overlap`` pixels at interior edges, 1 elsewhere.
+
+    The outer quarter of the ramp is 0: predictions there lack context beyond the tile, and
+    the neighbouring tile (which overlaps by at least ``overlap``) covers those pixels well
+    inside itself.
+    """
+    w = torch.ones(length)
+    n = min(overlap, length // 2)
+    if n > 0:
+        t = (torch.arange(n, dtype=torch.float32) + 0.5) / n
+        ramp = ((t - 0.25) / 0.75).clamp(min=0)
+        if not at_start:
+            w[:n] = ramp
+        if not at_end:
+            w[length - n :] = ramp.flip(0)
+    return w
+
+
+def _starts(size: int, tile: int, stride: int, align: int) -> list[int]:
+    if size <= tile:
+        return [0]
+    starts, s = [], 0
+    while s + tile < size:
+        starts.append(s)
+        s += stride
+    final = ((size - tile) // align) * align  # the last tile runs to the border from here
+    if final > starts[-1]:
+        starts.append(final)
+    return starts
+
+
+def tiled_proba(
+    probs_fn: Callable[[Tensor], Tensor], x: Tensor, tile: int, overlap: int, align: int = 32
+) -> Tensor:
+    """Sliding-window probabilities for one 1 x C x H x W image, blended in the overlaps.
+
+    Tile origins sit on multiples of ``align`` (2 ** number of poolings) so that every tile's
+    pooling grid coincides with the whole image's; the last row/column of tiles extends to the
+    border (a tile can be up to ``align - 1`` pixels larger than ``tile``). Only one tile's
+    activations exist at a time; the accumulators are K x H x W floats.
+    """
+    _, _, h, w = x.shape
+    if tile < align:
+        raise ValueError(f"tile size {tile} is smaller than the model's minimum {align}")
+    if not 0 <= overlap < tile:
+        raise ValueError(f"overlap must be in [0, tile), got {overlap} for tile {tile}")
+    stride = max(align, ((tile - overlap) // align) * align)
+    ys, xs = _starts(h, tile, stride, align), _starts(w, tile, stride, align)
+    acc: Tensor | None = None
+    weight = torch.zeros(1, 1, h, w)
+    for i, y0 in enumerate(ys):
+        y1 = h if i == len(ys) - 1 else min(h, y0 + tile)
+        wy = _ramp(y1 - y0, overlap, y0 == 0, y1 == h)
+        for j, x0 in enumerate(xs):
+            x1 = w if j == len(xs) - 1 else min(w, x0 + tile)
+            wx = _ramp(x1 - x0, overlap, x0 == 0, x1 == w)
+            p = probs_fn(x[..., y0:y1, x0:x1])
+            if acc is None:
+                acc = torch.zeros(1, p.shape[1], h, w)
+            win = (wy[:, None] * wx[None, :])[None, None]
+            acc[..., y0:y1, x0:x1] += p * win
+            weight[..., y0:y1, x0:x1] += win
+    assert acc is not None
+    return acc / weight
+
+
+# --------------------------------------------------------------------------------- files
+def expand_inputs(inputs: Iterable[str]) -> tuple[list[Path], list[str]]:
+    """Files, folders (their images, sorted) and globs -> (image paths, problems)."""
+    paths: list[Path] = []
+    problems: list[str] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                problems.append(f"{p}: no images in this folder")
+            paths += found
+        elif p.is_file():
+            paths.append(p)
+        elif any(c in item for c in "*?["):
+            found = sorted(Path(f) for f in glob.glob(item, recursive=True) if Path(f).is_file())
+            if not found:
+                problems.append(f"{item}: no files match")
+            paths += found
+        else:
+            problems.append(f"{p}: no such file or folder")
+    unique = list(dict.fromkeys(p.resolve() for p in paths))
+    return unique, problems
+
+
+def _atomic_image(array: np.ndarray, path: Path) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    Image.fromarray(array).save(tmp)
+    os.replace(tmp, path)
+
+
+def predict_files(
+    segmenter: Segmenter,
+    paths: Sequence[Path],
+    out_dir: Path,
+    *,
+    batch_size: int = 4,
+    tta: bool = False,
+    tile: int | None = None,
+    overlap: int = 64,
+    save_overlay: bool = False,
+    save_probs: bool = False,
+    alpha: float = 0.5,
+    progress: bool = True,
+) -> tuple[int, list[str]]:
+    """Segment ``paths`` into ``out_dir``; returns (images written, problems).
+
+    Consecutive images of the same size are batched; an unreadable image is reported and
+    skipped without stopping the others. Outputs for ``photo.jpg``: ``photo.png`` (class
+    indices), ``photo_color.png``, and optionally ``photo_overlay.png`` and ``photo_probs.npz``.
+    """
+    from tqdm import tqdm
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    problems: list[str] = []
+    names: dict[str, int] = {}
+    done = 0
+    batch: list[tuple[Path, Image.Image, Tensor, str]] = []
+
+    def unique_name(path: Path) -> str:
+        n = names.get(path.stem, 0)
+        names[path.stem] = n + 1
+        return path.stem if n == 0 else f"{path.stem}_{n}"
+
+    def flush() -> None:
+        nonlocal done
+        if not batch:
+            return
+        x = torch.stack([b[2] for b in batch])
+        probs = segmenter.predict_proba_batch(x, tta=tta, tile=tile, overlap=overlap)
+        for (_, image, _, name), p in zip(batch, probs, strict=True):
+            mask = (
+                p.argmax(0).numpy().astype(np.uint8 if len(segmenter.classes) <= 256 else np.int32)
+            )
+            _atomic_image(mask, out_dir / f"{name}.png")
+            colored = colorize(mask, segmenter.colors)
+            _atomic_image(colored, out_dir / f"{name}_color.png")
+            if save_overlay:
+                _atomic_image(
+                    overlay(display_rgb(image), colored, alpha), out_dir / f"{name}_overlay.png"
+                )
+            if save_probs:
+                tmp = out_dir / f".{name}_probs.tmp.npz"
+                np.savez_compressed(
+                    tmp, probs=p.numpy().astype(np.float16), classes=np.array(segmenter.classes)
+                )
+                os.replace(tmp, out_dir / f"{name}_probs.npz")
+            done += 1
+        batch.clear()
+
+    bar = tqdm(paths, desc="segment", unit="img", disable=not progress, dynamic_ncols=True)
+    for path in bar:
+        try:
+            image = load_image(path)
+            x = segmenter.preprocess(image)
+        except (DataError, ValueError, OSError) as e:
+            problems.append(str(e))
+            continue
+        if batch and (batch[0][2].shape != x.shape or len(batch) >= batch_size):
+            flush()
+        batch.append((path, image, x, unique_name(path)))
+    flush()
+    return done, problems
+
+
 @torch.no_grad()
 def save_predictions(
     model: nn.Module,
-    dataset,
+    dataset: Any,
     out_dir: str | Path,
-    colors,
+    colors: Any,
     limit: int = 8,
     bn_eval: str = "batch",
     device: torch.device | str = "cpu",
 ) -> list[Path]:
-    """For the first ``limit`` samples: ``NAME_pred.png`` (indices), ``NAME_color.png`` and a
-    side-by-side ``NAME_compare.png`` (image | truth | prediction)."""
+    """For a dataset's first ``limit`` samples: ``NAME_pred.png`` (indices), ``NAME_color.png``
+    and ``NAME_compare.png`` (image | truth | prediction), e.g. after the demo's training run."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()

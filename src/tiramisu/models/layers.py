@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -165,20 +166,28 @@ def he_uniform_(model: nn.Module) -> None:
 
 @contextmanager
 def batch_statistics(model: nn.Module) -> Iterator[None]:
-    """Evaluate with each batch's own BatchNorm statistics (what the paper's authors did).
+    """Normalise with each image's own statistics, as the paper's authors did at test time.
 
-    PyTorch's BatchNorm falls back to batch statistics, without updating anything, when it has
-    no running buffers; hiding them for the duration of the block gives exactly that.
+    They evaluated one image at a time with BatchNorm in training mode; for a batch of one
+    that is exactly instance normalisation followed by BatchNorm's affine transform. Computing
+    it as ``F.instance_norm`` keeps those semantics for any batch size (results do not depend
+    on which images share a batch), leaves the running statistics untouched, and exports to
+    ONNX/TorchScript as an ordinary op.
     """
-    saved = []
+    patched = []
     for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
-            saved.append((m, m.running_mean, m.running_var))
-            m.running_mean = None
-            m.running_var = None
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.forward = _per_image_norm(m)  # instance attribute shadows the class method
+            patched.append(m)
     try:
         yield
     finally:
-        for m, mean, var in saved:
-            m.running_mean = mean
-            m.running_var = var
+        for m in patched:
+            del m.forward
+
+
+def _per_image_norm(bn: nn.modules.batchnorm._BatchNorm) -> Any:
+    def forward(x: Tensor) -> Tensor:
+        return F.instance_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+
+    return forward

@@ -1,0 +1,216 @@
+"""Shareable weights in the Hugging Face layout: ``model.safetensors`` + ``config.json``.
+
+The config carries everything needed to use the weights without the training code's config:
+architecture and constructor arguments, class names and colours, the void index, and the input
+preprocessing (scaling, mean/std, channel count, BatchNorm mode). safetensors files hold raw
+tensors only, so loading them can never execute code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+from .models import DenseNet, FCDenseNet
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+ARCHITECTURES: dict[str, type[nn.Module]] = {"FCDenseNet": FCDenseNet, "DenseNet": DenseNet}
+
+
+def config_from_checkpoint(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The pretrained config for a training checkpoint."""
+    cfg = ckpt["config"]
+    data = cfg["data"]
+    labels = ckpt["labels"]
+    model_config = dict(ckpt["model_config"])
+    model_config["memory_efficient"] = False
+    if cfg["task"] == "classification" and data["normalize"] == "cifar10":
+        from .data.classification import CIFAR10_MEAN, CIFAR10_STD
+
+        mean, std = CIFAR10_MEAN, CIFAR10_STD
+    else:
+        from .data.transforms import normalization
+
+        mean, std = normalization(data["normalize"], data["mean"], data["std"])
+    arch = "DenseNet" if cfg["task"] == "classification" else "FCDenseNet"
+    return {
+        "library": "tiramisu",
+        "format_version": 1,
+        "task": cfg["task"],
+        "architecture": arch,
+        "model_name": cfg["model"]["name"],
+        "model_config": model_config,
+        "classes": list(labels["classes"]),
+        "colors": [list(c) for c in labels["colors"]],
+        "ignore_index": int(labels["ignore_index"]),
+        "preprocessing": {
+            "scale": "divide by 255 (8-bit) or 65535 (16-bit) to [0, 1]",
+            "mean": mean,
+            "std": std,
+            "channels": int(ckpt["in_channels"]),
+        },
+        "bn_eval": cfg["train"]["bn_eval"],
+        "trained": {
+            "dataset": data["dataset"],
+            "epoch": ckpt.get("epoch"),
+            "stage": ckpt.get("stage"),
+            "best": ckpt.get("best"),
+        },
+    }
+
+
+def build_model(config: dict[str, Any]) -> nn.Module:
+    arch = config.get("architecture")
+    if arch not in ARCHITECTURES:
+        raise CheckpointError(
+            f"config.json: unknown architecture {arch!r} (known: {', '.join(ARCHITECTURES)})"
+        )
+    try:
+        return ARCHITECTURES[arch](**config["model_config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"config.json: cannot build {arch}: {e}") from None
+
+
+def check_state_dict(
+    model: nn.Module, state: dict[str, torch.Tensor], config: dict[str, Any], source: str
+) -> None:
+    """Name the first disagreement between weights and architecture in one line."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source}: weights do not match the {config.get('architecture')} in the config "
+            f"({len(missing)} missing, {len(unexpected)} unexpected tensors, e.g. "
+            f"{(missing or unexpected)[0]!r})"
+        )
+    for k, v in expected.items():
+        if state[k].shape != v.shape:
+            if k.startswith("classifier.") and k.endswith(("weight", "bias")):
+                raise CheckpointError(
+                    f"{source}: weights have {state[k].shape[0]} classes but the config says "
+                    f"{v.shape[0]}"
+                )
+            raise CheckpointError(
+                f"{source}: tensor {k!r} has shape {tuple(state[k].shape)}, "
+                f"the architecture expects {tuple(v.shape)}"
+            )
+
+
+def save_pretrained(model: nn.Module, config: dict[str, Any], directory: str | Path) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` (each atomically) into ``directory``."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata={"format": "pt", "library": "tiramisu"})
+        os.replace(tmp, directory / WEIGHTS_NAME)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    tmp_cfg = directory / f".{CONFIG_NAME}.tmp"
+    tmp_cfg.write_text(json.dumps(config, indent=2))
+    os.replace(tmp_cfg, directory / CONFIG_NAME)
+    readme = directory / "README.md"
+    if not readme.exists():
+        readme.write_text(
+            f"---\nlibrary_name: tiramisu\ntags: [semantic-segmentation, fc-densenet]\n---\n\n"
+            f"# {config.get('model_name')}\n\nClasses: {', '.join(config['classes'])}.\n\n"
+            f'```python\nimport tiramisu\nseg = tiramisu.Segmenter.from_pretrained("{directory.name}")\n'
+            f'mask = seg.predict("photo.png")\n```\n'
+        )
+    return directory
+
+
+def resolve_pretrained(path_or_id: str | Path, revision: str | None = None) -> Path:
+    """A local directory, or a Hugging Face Hub repository id downloaded to the local cache."""
+    p = Path(path_or_id)
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise CheckpointError(f"{p}: expected a directory with {CONFIG_NAME} and {WEIGHTS_NAME}")
+    text = str(path_or_id)
+    if text.count("/") != 1 or text.startswith((".", "/")):
+        raise CheckpointError(f"{p}: no such directory (and not a Hub id like 'user/model')")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CheckpointError(
+            f"{text}: loading from the Hub needs huggingface_hub (pip install huggingface_hub)"
+        ) from None
+    try:
+        return Path(
+            snapshot_download(
+                text, revision=revision, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, "README.md"]
+            )
+        )
+    except Exception as e:  # offline, unknown repo, auth: the hub raises many types
+        raise CheckpointError(
+            f"{text}: cannot download from the Hugging Face Hub "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        ) from None
+
+
+def load_pretrained(
+    path_or_id: str | Path, revision: str | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """(model in eval mode, config) from a pretrained directory or Hub id."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = resolve_pretrained(path_or_id, revision)
+    cfg_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    for f in (cfg_path, weights_path):
+        if not f.is_file():
+            raise CheckpointError(
+                f"{f}: missing (a pretrained directory needs {CONFIG_NAME} and {WEIGHTS_NAME})"
+            )
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+    for key in ("architecture", "model_config", "classes", "preprocessing"):
+        if key not in config:
+            raise CheckpointError(f"{cfg_path}: missing key {key!r}")
+    model = build_model(config)
+    try:
+        state = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{weights_path}: not a valid safetensors file ({e})") from None
+    check_state_dict(model, state, config, str(weights_path))
+    model.load_state_dict(state)
+    n = config["model_config"].get("num_classes")
+    if n is not None and n != len(config["classes"]):
+        raise CheckpointError(
+            f"{cfg_path}: lists {len(config['classes'])} classes but the model has {n}"
+        )
+    return model.eval(), config
+
+
+def load_any(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
+    """A training checkpoint (``.pt``) or a pretrained directory / Hub id -> (model, config)."""
+    p = Path(path)
+    if p.is_file() and p.suffix in (".pt", ".pth", ".ckpt", ".bin"):
+        from .checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(p)
+        config = config_from_checkpoint(ckpt)
+        model = build_model(config)
+        check_state_dict(model, ckpt["model"], config, str(p))
+        model.load_state_dict(ckpt["model"])
+    else:
+        model, config = load_pretrained(path)
+    return model.to(device).eval(), config
