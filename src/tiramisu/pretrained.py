@@ -127,7 +127,8 @@ def save_pretrained(model: nn.Module, config: dict[str, Any], directory: str | P
         readme.write_text(
             f"---\nlibrary_name: tiramisu\ntags: [semantic-segmentation, fc-densenet]\n---\n\n"
             f"# {config.get('model_name')}\n\nClasses: {', '.join(config['classes'])}.\n\n"
-            f'```python\nimport tiramisu\nseg = tiramisu.Segmenter.from_pretrained("{directory.name}")\n'
+            "```python\nimport tiramisu\n"
+            f'seg = tiramisu.Segmenter.from_pretrained("{directory.name}")\n'
             f'mask = seg.predict("photo.png")\n```\n'
         )
     return directory
