@@ -35,8 +35,11 @@ def worker(model_name: str, batch: int, mode: str, size: tuple[int, int], repeat
 
         from tiramisu.export import export_onnx
 
-        config = {"bn_eval": "running", "preprocessing": {"channels": 3},
-                  "model_config": model.config}
+        config = {
+            "bn_eval": "running",
+            "preprocessing": {"channels": 3},
+            "model_config": model.config,
+        }
         with tempfile.TemporaryDirectory() as tmp:
             path = export_onnx(model, config, Path(tmp) / "m.onnx")
             options = ort.SessionOptions()
@@ -63,10 +66,15 @@ def worker(model_name: str, batch: int, mode: str, size: tuple[int, int], repeat
         run()
         times.append(time.perf_counter() - t0)
     best = min(times)
-    return {"model": model_name, "batch": batch, "mode": mode,
-            "images_per_s": batch / best, "seconds_per_batch": best,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "threads": torch.get_num_threads()}
+    return {
+        "model": model_name,
+        "batch": batch,
+        "mode": mode,
+        "images_per_s": batch / best,
+        "seconds_per_batch": best,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def main() -> None:
@@ -90,28 +98,50 @@ def main() -> None:
         for batch in args.batches:
             for mode in args.modes:
                 proc = subprocess.run(
-                    [sys.executable, __file__, "--worker", name, str(batch), mode,
-                     "--size", args.size, "--repeats", str(args.repeats)],
-                    capture_output=True, text=True)
+                    [
+                        sys.executable,
+                        __file__,
+                        "--worker",
+                        name,
+                        str(batch),
+                        mode,
+                        "--size",
+                        args.size,
+                        "--repeats",
+                        str(args.repeats),
+                    ],
+                    capture_output=True,
+                    text=True,
+                )
                 if proc.returncode != 0:
-                    print(f"{name} batch {batch} {mode}: failed\n{proc.stderr[-800:]}",
-                          file=sys.stderr)
+                    print(
+                        f"{name} batch {batch} {mode}: failed\n{proc.stderr[-800:]}",
+                        file=sys.stderr,
+                    )
                     continue
                 row = json.loads(proc.stdout.strip().splitlines()[-1])
                 rows.append(row)
-                print(f"  {name} b{batch} {mode}: {row['images_per_s']:.2f} img/s, "
-                      f"{row['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
+                print(
+                    f"  {name} b{batch} {mode}: {row['images_per_s']:.2f} img/s, "
+                    f"{row['peak_rss_mb']:.0f} MB",
+                    file=sys.stderr,
+                    flush=True,
+                )
     base = {(r["model"], r["batch"]): r for r in rows if r["mode"] == "eager_fp32"}
-    print(f"\nFC-DenseNet inference at {args.size}, CPU threads: "
-          f"{rows[0]['threads'] if rows else '?'}; ratios vs eager fp32 in the same run\n")
+    print(
+        f"\nFC-DenseNet inference at {args.size}, CPU threads: "
+        f"{rows[0]['threads'] if rows else '?'}; ratios vs eager fp32 in the same run\n"
+    )
     print("| model | batch | mode | images/s | speed-up | peak RSS MB | memory ratio |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         b = base.get((r["model"], r["batch"]))
         speed = f"{r['images_per_s'] / b['images_per_s']:.2f}x" if b else "-"
         mem = f"{r['peak_rss_mb'] / b['peak_rss_mb']:.2f}x" if b else "-"
-        print(f"| {r['model']} | {r['batch']} | {r['mode']} | {r['images_per_s']:.2f} | {speed} "
-              f"| {r['peak_rss_mb']:.0f} | {mem} |")
+        print(
+            f"| {r['model']} | {r['batch']} | {r['mode']} | {r['images_per_s']:.2f} | {speed} "
+            f"| {r['peak_rss_mb']:.0f} | {mem} |"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 

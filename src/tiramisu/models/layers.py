@@ -15,14 +15,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 
 class DenseLayer(nn.Module):
     """BN -> ReLU -> [1x1 conv (bottleneck) -> BN -> ReLU] -> 3x3 conv -> dropout.
 
-    ``forward`` takes the list of feature maps produced so far in the block so that the
-    concatenation happens inside the layer, where ``memory_efficient`` can recompute it.
+    ``forward`` takes the list of feature maps produced so far in the block (the naive path).
+    With ``memory_efficient`` the enclosing ``DenseBlock`` runs all its layers through one shared
+    buffer instead (see ``efficient.py``); the parameters are the same either way.
     """
 
     def __init__(
@@ -64,23 +64,15 @@ class DenseLayer(nn.Module):
         return self.conv2(self._pre_conv(*features))
 
     def forward(self, features: Sequence[Tensor]) -> Tensor:
-        needs_grad = torch.is_grad_enabled() and any(f.requires_grad for f in features)
-        if self.memory_efficient and needs_grad:
-            if self.conv1 is not None:
-                # DenseNet-B: the 1x1 conv shrinks the concatenation to 4k maps, so only the
-                # cheap concat-BN-ReLU-1x1 part is recomputed in backward.
-                x = checkpoint(self._pre_conv, *features, use_reentrant=False)
-                x = self.conv2(x)
-            else:
-                # No bottleneck: the 3x3 conv's input is the full concatenation, so the conv
-                # has to be inside the recomputed region, or its saved input is the quadratic
-                # pile we are avoiding.
-                x = checkpoint(self._pre_dropout, *features, use_reentrant=False)
-        else:
-            x = self._pre_dropout(*features)
+        x = self._pre_dropout(*features)
         if self.dropout > 0:
             x = F.dropout(x, self.dropout, self.training)
         return x
+
+
+def _has_patched_norms(block: nn.Module) -> bool:
+    """True inside ``batch_statistics``: the per-image norm replaces BatchNorm's forward."""
+    return "forward" in block.layers[0].norm1.__dict__
 
 
 class DenseBlock(nn.Module):
@@ -133,7 +125,18 @@ class DenseBlock(nn.Module):
     def out_channels(self) -> int:
         return self.stack_channels if self.keep_input else self.new_channels
 
+    @property
+    def memory_efficient(self) -> bool:
+        return all(layer.memory_efficient for layer in self.layers)
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.memory_efficient and not _has_patched_norms(self):
+            from .efficient import efficient_block_forward
+
+            out = efficient_block_forward(self, x)
+            return out if self.keep_input else out[:, self.in_channels :]
+        # The naive path: every layer concatenates everything before it (kept for comparison
+        # and for the per-image BatchNorm mode, whose patched modules it calls directly).
         features = [x]
         for layer in self.layers:
             features.append(layer(features))
