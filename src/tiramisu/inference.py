@@ -157,7 +157,7 @@ class Segmenter:
         """A training checkpoint, a pretrained directory or Hub id, or an ``.onnx`` file."""
         if str(path).endswith(".onnx"):
             model, config = OnnxModel.load(path)
-            return cls(model, config, "cpu")
+            return cls(model, config, "cpu")  # onnxruntime picks its own providers
         from .pretrained import load_any
 
         model, config = load_any(path, device)
