@@ -294,3 +294,14 @@ def test_cli_reports_bad_data_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "scene_0001.png" in err and err.count("\n") == 1
     assert not (tmp_path / "r" / "last.pt").exists()
+
+
+def test_demo_leaves_a_complete_run_folder(tmp_path):
+    from tiramisu.demo import run_demo
+
+    metrics = run_demo(tmp_path / "demo", epochs=1, device="cpu")
+    run = tmp_path / "demo" / "run"
+    for name in ("best.pt", "loss.png", "miou.png", "metrics.json", "confusion_matrix_val.png"):
+        assert (run / name).is_file(), name
+    assert len(list((run / "predictions").glob("*_compare.png"))) == 8
+    assert 0 <= metrics["miou"] <= 1
