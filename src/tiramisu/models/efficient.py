@@ -73,7 +73,7 @@ def block_buffer_forward(
     buf[:, :c_in].copy_(x)
     c = c_in
     for layer in layers:
-        a = pre_conv(layer, buf[:, :c], update_stats)
+        a = pre_conv(layer, _dense_view(buf, c), update_stats)
         z = F.conv2d(a, layer.conv2.weight, layer.conv2.bias, padding=1)
         if layer.dropout > 0 and layer.training:
             # Same RNG calls as F.dropout, so seeded runs match the naive path exactly.
@@ -84,6 +84,19 @@ def block_buffer_forward(
         buf[:, c : c + k].copy_(z)
         c += k
     return buf
+
+
+def _dense_view(buf: Tensor, c: int) -> Tensor:
+    """The first ``c`` channels of the block buffer, in a layout the fast kernels accept.
+
+    In NCHW a channel slice is a plain view. In channels_last it is strided in the innermost
+    dimension, which sends BatchNorm and oneDNN convolutions to slow generic kernels, so it is
+    copied into a temporary dense tensor; the copy is freed after the layer, keeping memory linear.
+    """
+    view = buf[:, :c]
+    if buf.is_contiguous(memory_format=torch.channels_last) and c < buf.shape[1]:
+        return view.contiguous(memory_format=torch.channels_last)
+    return view
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
@@ -130,7 +143,7 @@ class _EfficientDenseBlock(torch.autograd.Function):
                 if layer.dropout > 0 and layer.training:
                     g = g * next(mask_iter).to(g.dtype) / (1 - layer.dropout)
                 with torch.enable_grad():
-                    inp = buf[:, :c].detach().requires_grad_(True)
+                    inp = _dense_view(buf, c).detach().requires_grad_(True)
                     a = pre_conv(layer, inp, update_stats=False)
                 w = layer.conv2.weight
                 grad_a, grad_w, grad_b = torch.ops.aten.convolution_backward(
