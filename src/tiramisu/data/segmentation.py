@@ -294,23 +294,27 @@ class SegmentationDataset(Dataset):
         return x, y
 
     def validate(self) -> None:
-        """Open every pair once; raise ``DataError`` naming the first bad file."""
+        """Open every pair once; raise ``DataError`` naming the first bad file.
+
+        With ``cache`` the full decode done here fills the cache, so nothing is read twice.
+        """
         for i, (image_path, mask_path) in enumerate(self.pairs):
-            try:
-                with Image.open(image_path) as im:
-                    size = im.size
-                    im.verify()
-            except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-                raise DataError(f"{image_path}: cannot read image ({e})") from None
-            mask = read_mask(mask_path, self.labels)
-            if (mask.shape[1], mask.shape[0]) != size:
-                raise DataError(
-                    f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but "
-                    f"{image_path.name} is {size[0]}x{size[1]}"
-                )
+            if self.cache:
+                mask = self.load(i)[1]  # decodes both and checks that the sizes match
+            else:
+                try:
+                    with Image.open(image_path) as im:
+                        size = im.size
+                        im.verify()
+                except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+                    raise DataError(f"{image_path}: cannot read image ({e})") from None
+                mask = read_mask(mask_path, self.labels)
+                if (mask.shape[1], mask.shape[0]) != size:
+                    raise DataError(
+                        f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but "
+                        f"{image_path.name} is {size[0]}x{size[1]}"
+                    )
             check_labels(mask_path, mask, self.labels)
-            if self.cache and i not in self._cache:
-                self.load(i)
 
     def class_pixel_counts(self) -> tuple[np.ndarray, np.ndarray]:
         """Per class: labelled pixels, and pixels of the images in which the class appears."""
