@@ -32,14 +32,9 @@ def config_from_checkpoint(ckpt: dict[str, Any]) -> dict[str, Any]:
     labels = ckpt["labels"]
     model_config = dict(ckpt["model_config"])
     model_config["memory_efficient"] = False
-    if cfg["task"] == "classification" and data["normalize"] == "cifar10":
-        from .data.classification import CIFAR10_MEAN, CIFAR10_STD
+    from .data.transforms import normalization
 
-        mean, std = CIFAR10_MEAN, CIFAR10_STD
-    else:
-        from .data.transforms import normalization
-
-        mean, std = normalization(data["normalize"], data["mean"], data["std"])
+    mean, std = normalization(data["normalize"], data["mean"], data["std"])
     arch = "DenseNet" if cfg["task"] == "classification" else "FCDenseNet"
     return {
         "library": "tiramisu",

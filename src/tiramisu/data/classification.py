@@ -19,11 +19,10 @@ from torchvision.transforms import v2
 
 from ..errors import DataError
 from .segmentation import IMAGE_EXTENSIONS, LabelSpec, default_colors
+from .transforms import normalization
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                    "ship", "truck"]  # fmt: skip
-CIFAR10_MEAN = [0.4914, 0.4822, 0.4465]
-CIFAR10_STD = [0.2470, 0.2435, 0.2616]
 SPLIT_SEED = 20170101
 
 
@@ -127,10 +126,6 @@ def _train_transform(data: dict[str, Any], size: int) -> v2.Compose:
 
 
 def _normalize(data: dict[str, Any]) -> list[Any]:
-    from .transforms import normalization
-
-    if data["normalize"] == "cifar10":
-        return [v2.Normalize(CIFAR10_MEAN, CIFAR10_STD)]
     mean, std = normalization(data["normalize"], data["mean"], data["std"])
     return [v2.Normalize(mean, std)] if mean is not None else []
 

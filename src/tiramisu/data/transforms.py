@@ -62,16 +62,24 @@ class JointTransform:
         return image, target
 
 
+CIFAR10_MEAN = [0.4914, 0.4822, 0.4465]
+CIFAR10_STD = [0.2470, 0.2435, 0.2616]
+
+
 def normalization(
     kind: str, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
 ) -> tuple[list[float] | None, list[float] | None]:
-    """``unit`` (the paper: [0, 1] only), ``imagenet``, or ``mean_std`` with given values."""
+    """``unit`` (the paper: [0, 1] only), ``imagenet``, ``cifar10``, or ``mean_std`` with values."""
     if kind == "unit":
         return None, None
     if kind == "imagenet":
         return [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    if kind == "cifar10":
+        return list(CIFAR10_MEAN), list(CIFAR10_STD)
     if kind == "mean_std":
         if mean is None or std is None:
             raise ValueError("normalize: mean_std needs data.mean and data.std")
         return [float(v) for v in mean], [float(v) for v in std]
-    raise ValueError(f"data.normalize must be unit, imagenet or mean_std, got {kind!r}")
+    raise ValueError(
+        f"data.normalize must be unit, imagenet, cifar10 or mean_std, got {kind!r}"
+    )
