@@ -104,12 +104,17 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from .engine import resolve_device
     from .inference import Segmenter, expand_inputs, predict_files
 
     if args.overlap is not None and args.tile is None:
         raise ValueError("--overlap needs --tile")
-    segmenter = Segmenter.load(args.checkpoint, device=_device(args.device), amp=args.amp,
-                               channels_last=args.channels_last)
+    segmenter = Segmenter.load(
+        args.checkpoint,
+        device=resolve_device(args.device),
+        amp=args.amp,
+        channels_last=args.channels_last,
+    )
     paths, problems = expand_inputs(args.inputs)
     done, failed = predict_files(
         segmenter,
@@ -159,14 +164,6 @@ def cmd_export(args: argparse.Namespace) -> int:
         export_torchscript(model, config, args.out)
     print(f"wrote {args.out}")
     return 0
-
-
-def _device(name: str) -> str:
-    if name == "auto":
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -250,8 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
-    p.add_argument("--channels-last", action="store_true",
-                   help="channels_last memory format (faster with bf16 on recent CPUs)")
+    p.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="channels_last memory format (faster with bf16 on recent CPUs)",
+    )
     p.add_argument("--tta", action="store_true", help="average with a horizontally flipped pass")
     p.add_argument("--tile", type=int, help="sliding-window tile size for large images")
     p.add_argument("--overlap", type=int, help="tile overlap in pixels (default 64)")

@@ -5,8 +5,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
-
 from .config import load_config
 from .data import make_synthetic_dataset
 
@@ -41,7 +39,7 @@ def demo_config(data_root: Path, epochs: int) -> dict:
 
 def run_demo(out: Path, epochs: int = 12, device: str = "auto") -> dict:
     from .checkpoint import load_checkpoint
-    from .engine import build_data, build_model_from_cfg, train
+    from .engine import build_data, build_model_from_cfg, resolve_device, train
     from .inference import save_predictions
 
     t0 = time.perf_counter()
@@ -53,11 +51,7 @@ def run_demo(out: Path, epochs: int = 12, device: str = "auto") -> dict:
     data = build_data(cfg)
     model = build_model_from_cfg(cfg, data["labels"].num_classes, data["channels"])
     model.load_state_dict(load_checkpoint(run / "best.pt")["model"])
-    dev = torch.device(
-        "cuda"
-        if device == "auto" and torch.cuda.is_available()
-        else ("cpu" if device == "auto" else device)
-    )
+    dev = resolve_device(device)
     save_predictions(
         model.to(dev),
         data["val"],

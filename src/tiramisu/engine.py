@@ -53,16 +53,21 @@ class Runtime:
         return self.world_size > 1
 
 
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; asking for CUDA without a GPU is an error."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TiramisuError("--device cuda was asked for but no CUDA GPU is available")
+    return torch.device(name)
+
+
 def setup_runtime(device: str = "auto") -> Runtime:
     """Read torchrun's environment (if any) and pick the device."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise TiramisuError("--device cuda was asked for but no CUDA GPU is available")
-    dev = torch.device(device)
+    dev = resolve_device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local_rank if world_size > 1 else torch.cuda.current_device())
     if dev.type == "cuda":
@@ -333,9 +338,7 @@ def _train(
             f"{out}: already holds a run (last.pt); pass --resume to continue it "
             f"or choose another --out"
         )
-    state = load_checkpoint(ckpt_path) if resume else None
-    if resume and state is None:
-        raise TiramisuError(f"{ckpt_path}: nothing to resume")
+    state = load_checkpoint(ckpt_path) if resume else None  # raises if there is none
     if state is not None:
         from .config import set_key
 
@@ -841,11 +844,7 @@ def evaluate_checkpoint(
     dataset = build_eval_dataset(cfg, split, labels, channels)
     if hasattr(dataset, "validate"):
         dataset.validate()
-    dev = torch.device(
-        "cuda"
-        if device == "auto" and torch.cuda.is_available()
-        else ("cpu" if device == "auto" else device)
-    )
+    dev = resolve_device(device)
     model = build_model_from_cfg(cfg, labels.num_classes, channels)
     load_model_state(model, ckpt["model"], "checkpoint")
     model.to(dev)

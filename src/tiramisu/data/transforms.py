@@ -80,6 +80,4 @@ def normalization(
         if mean is None or std is None:
             raise ValueError("normalize: mean_std needs data.mean and data.std")
         return [float(v) for v in mean], [float(v) for v in std]
-    raise ValueError(
-        f"data.normalize must be unit, imagenet, cifar10 or mean_std, got {kind!r}"
-    )
+    raise ValueError(f"data.normalize must be unit, imagenet, cifar10 or mean_std, got {kind!r}")
