@@ -593,7 +593,8 @@ def _train_one_epoch(
     desc: str,
     quiet: bool,
     deadline: float | None = None,
-) -> tuple[float, int]:
+) -> tuple[float, int, float]:
+    """Mean loss, images seen (all ranks) and pixel/sample accuracy on the training batches."""
     from tqdm import tqdm
 
     model.train()
@@ -628,9 +629,10 @@ def _train_one_epoch(
         finite = torch.isfinite(loss.detach()).to(torch.float32)
         if rt.distributed:
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        loss_value = loss.item()  # one host sync per step, reused below
         if finite.item() == 0:
             raise TrainingDiverged(
-                f"loss became {loss.item()} at {desc}, step {step + 1}; stopped. The last good "
+                f"loss became {loss_value} at {desc}, step {step + 1}; stopped. The last good "
                 f"checkpoint is kept. Try a lower train.lr, train.grad_clip or train.amp=none."
             )
         optimizer.zero_grad(set_to_none=True)
@@ -644,12 +646,12 @@ def _train_one_epoch(
             valid = (targets >= 0) & (targets != getattr(criterion, "ignore_index", -100))
             correct += ((logits.argmax(1) == targets) & valid).sum()
             labelled += valid.sum()
-        total += loss.item() * images.shape[0]
+        total += loss_value * images.shape[0]
         count += images.shape[0]
         n_images += images.shape[0] * rt.world_size
         bar.update(1)
         bar.set_postfix(
-            loss=f"{loss.item():.4f}", img_s=f"{n_images / (time.perf_counter() - t0):.2f}"
+            loss=f"{loss_value:.4f}", img_s=f"{n_images / (time.perf_counter() - t0):.2f}"
         )
     bar.close()
     sums = torch.stack(
