@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
-from .data.segmentation import IMAGE_EXTENSIONS
+from .data.segmentation import IMAGE_EXTENSIONS, image_to_tensor, pil_to_array
 from .errors import CheckpointError, DataError
 from .models import batch_statistics
 
@@ -51,16 +51,6 @@ def load_image(path: str | Path) -> Image.Image:
         return im
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
         raise DataError(f"{path}: cannot read image ({e})") from None
-
-
-def image_to_array(image: Image.Image, channels: int) -> np.ndarray:
-    """PIL image of any mode -> H x W x C float32 in [0, 1] with the model's channel count."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.clip(np.asarray(image, dtype=np.float32) / 65535.0, 0, 1)[..., None]
-        return np.repeat(arr, channels, axis=2) if channels == 3 else arr
-    mode = {1: "L", 3: "RGB", 4: "RGBA"}[channels]
-    arr = np.asarray(image.convert(mode), dtype=np.float32) / 255.0
-    return arr[..., None] if channels == 1 else arr
 
 
 def display_rgb(image: Image.Image) -> np.ndarray:
@@ -176,7 +166,8 @@ class Segmenter:
         if isinstance(image, str | Path):
             image = load_image(image)
         if isinstance(image, Image.Image):
-            x = torch.from_numpy(image_to_array(image, self.channels).transpose(2, 0, 1).copy())
+            name = getattr(image, "filename", "") or "image"
+            x = image_to_tensor(pil_to_array(image, self.channels, name))
         elif isinstance(image, np.ndarray):
             arr = image
             if arr.ndim == 2:

@@ -159,23 +159,26 @@ def camvid_pairs(root: str | Path, split: str) -> list[tuple[Path, Path]]:
     return pair_by_stem(root / split, root / f"{split}annot")
 
 
+def pil_to_array(im: Image.Image, channels: int, name: str | Path = "image") -> np.ndarray:
+    """Any PIL mode -> H x W x C uint8 (uint16 for 16-bit greyscale) with ``channels`` channels."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.clip(np.asarray(im), 0, 65535).astype(np.uint16)[..., None]
+        if channels == 3:
+            arr = np.repeat(arr, 3, axis=2)
+        elif channels != 1:
+            raise DataError(f"{name}: 16-bit greyscale image cannot give {channels} channels")
+        return arr
+    mode = {1: "L", 3: "RGB", 4: "RGBA"}[channels]
+    arr = np.asarray(im.convert(mode))
+    return arr[..., None] if channels == 1 else arr
+
+
 def read_image(path: Path, channels: int) -> np.ndarray:
     """H x W x C uint8 (or uint16 for 16-bit greyscale); see ``image_to_tensor`` for scaling."""
     try:
         with Image.open(path) as im:
             im.load()
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.clip(np.asarray(im), 0, 65535).astype(np.uint16)[..., None]
-                if channels == 3:
-                    arr = np.repeat(arr, 3, axis=2)
-                elif channels != 1:
-                    raise DataError(
-                        f"{path}: 16-bit greyscale image cannot give {channels} channels"
-                    )
-                return arr
-            mode = {1: "L", 3: "RGB", 4: "RGBA"}[channels]
-            arr = np.asarray(im.convert(mode))
-            return arr[..., None] if channels == 1 else arr
+            return pil_to_array(im, channels, path)
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
         raise DataError(f"{path}: cannot read image ({e})") from None
 
