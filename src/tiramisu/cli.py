@@ -31,8 +31,10 @@ def cmd_summary(args: argparse.Namespace) -> int:
         overrides["upsampling"] = args.upsampling
     model = create_model(args.name, **overrides)
     summary = summarize(model, size=args.size, batch=args.batch)
-    text = {"table": format_table, "json": to_json}.get(args.format)
-    print(text(summary) if text else to_dot(model, summary), end="" if text is None else "\n")
+    if args.format == "dot":
+        print(to_dot(model, summary), end="")  # to_dot ends with its own newline
+    else:
+        print(format_table(summary) if args.format == "table" else to_json(summary))
     return 0
 
 

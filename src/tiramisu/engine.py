@@ -834,11 +834,12 @@ def evaluate_checkpoint(
     cfg = json.loads(json.dumps(ckpt["config"]))
     if data_root is not None:
         cfg["data"]["root"] = str(data_root)
-    lab = ckpt["labels"]
-    labels = LabelSpec(
-        list(lab["classes"]), [tuple(c) for c in lab["colors"]], int(lab["ignore_index"])
-    )
-    if cfg["task"] != "classification":
+    if cfg["task"] == "classification":
+        lab = ckpt["labels"]
+        labels = LabelSpec(
+            list(lab["classes"]), [tuple(c) for c in lab["colors"]], int(lab["ignore_index"])
+        )
+    else:
         from .data import label_spec
 
         labels = label_spec(cfg["data"])  # also restores palettes / label maps for decoding
