@@ -6,6 +6,7 @@ from torch import nn
 
 import tiramisu
 from tiramisu.models import DenseBlock, DenseLayer, FCDenseNet, TransitionUp
+from tiramisu.models import efficient as efficient_impl
 
 
 def n_trainable(m: nn.Module) -> int:
@@ -236,8 +237,10 @@ def _run_step(model, x, seed):
     return y.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.2])
-def test_memory_efficient_fcdensenet_equals_naive(dropout):
+@pytest.mark.parametrize(("dropout", "chunk"), [(0.0, None), (0.2, None), (0.2, 2000)])
+def test_memory_efficient_fcdensenet_equals_naive(dropout, chunk, monkeypatch):
+    if chunk is not None:  # backward in channel chunks of a few maps, as at full resolution
+        monkeypatch.setattr(efficient_impl, "_CHUNK_ELEMENTS", chunk)
     torch.manual_seed(0)
     naive = FCDenseNet(
         growth_rate=4,
@@ -266,7 +269,10 @@ def test_memory_efficient_fcdensenet_equals_naive(dropout):
             torch.testing.assert_close(efficient(x), naive(x), rtol=1e-5, atol=1e-5)
 
 
-def test_memory_efficient_densenet_bc_equals_naive():
+@pytest.mark.parametrize("chunk", [None, 1000])
+def test_memory_efficient_densenet_bc_equals_naive(chunk, monkeypatch):
+    if chunk is not None:
+        monkeypatch.setattr(efficient_impl, "_CHUNK_ELEMENTS", chunk)
     bc = tiramisu.DenseNet((2, 3), growth_rate=4, bottleneck_width=4, compression=0.5)
     eff = tiramisu.DenseNet(**{**bc.config, "memory_efficient": True})
     eff.load_state_dict(bc.state_dict())
@@ -325,3 +331,24 @@ def test_efficient_block_keeps_only_a_linear_amount_of_activations():
     assert naive[2] / naive[1] > 3.0
     assert efficient[2] / efficient[1] < 2.2
     assert efficient[2] < 0.3 * naive[2]
+
+
+def test_keep_mask_probability_layout_and_seeding():
+    from tiramisu.models.layers import dropout, keep_mask
+
+    x = torch.empty(2, 8, 64, 64).contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(3)
+    m1 = keep_mask(x, 0.2)
+    torch.manual_seed(3)
+    m2 = keep_mask(x, 0.2)
+    assert m1.dtype == torch.bool and m1.shape == x.shape
+    assert m1.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(m1, m2)  # torch.manual_seed decides the mask
+    assert not torch.equal(keep_mask(x, 0.2), m1)  # and the generator moves on
+    # 65,536 draws: the keep rate is within 4 standard deviations (0.006) of 0.8
+    assert abs(m1.float().mean().item() - 0.8) < 0.006
+    # channel 0 and channel 1 are not copies of each other (layout bug check)
+    assert not torch.equal(m1[:, 0], m1[:, 1])
+    y = dropout(torch.ones(4, 4, 32, 32), 0.25)
+    assert torch.equal(y.unique(), torch.tensor([0.0, 4 / 3]))
+    assert torch.equal(dropout(y, 0.5, training=False), y)

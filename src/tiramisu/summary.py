@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 
@@ -33,13 +33,17 @@ def summarize(
     meta_model = _meta_copy(model)
     shapes: dict[str, tuple[int, ...]] = {}
     hooks = []
+
+    def record(name: str, out: Tensor | list[Tensor]) -> None:
+        if isinstance(out, list | tuple):  # maps a module passes on unconcatenated
+            n, _, h, w = out[0].shape
+            shapes[name] = (n, sum(t.shape[1] for t in out), h, w)
+        else:
+            shapes[name] = tuple(out.shape)
+
     for name, _, _ in stages:
         module = meta_model.get_submodule(name)
-        hooks.append(
-            module.register_forward_hook(
-                lambda _m, _i, out, name=name: shapes.__setitem__(name, tuple(out.shape))
-            )
-        )
+        hooks.append(module.register_forward_hook(lambda _m, _i, out, name=name: record(name, out)))
     x = torch.empty(batch, model.in_channels, *size, device="meta")
     counter = FlopCounterMode(display=False, depth=None)
     try:

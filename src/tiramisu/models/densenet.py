@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from torch import Tensor, nn
 
-from .layers import DenseBlock
+from .layers import DenseBlock, Dropout
 
 Stem = Literal["cifar", "imagenet"]
 
@@ -23,7 +23,7 @@ class Transition(nn.Sequential):
             nn.Conv2d(in_channels, out_channels, 1, bias=False),
         ]
         if dropout > 0:
-            layers.append(nn.Dropout(dropout))
+            layers.append(Dropout(dropout))
         layers.append(nn.AvgPool2d(2))
         super().__init__(*layers)
         self.out_channels = out_channels

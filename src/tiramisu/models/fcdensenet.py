@@ -9,23 +9,40 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import DenseBlock, he_uniform_
+from .layers import DenseBlock, Dropout, he_uniform_
 
 Upsampling = Literal["transposed", "bilinear"]
 
 
 class TransitionDown(nn.Sequential):
-    """BN -> ReLU -> 1x1 conv (same width, no compression) -> dropout -> 2x2 max-pool."""
+    """BN -> ReLU -> 1x1 conv (same width, no compression) -> dropout -> 2x2 max-pool.
 
-    def __init__(self, channels: int, dropout: float = 0.2) -> None:
+    With ``memory_efficient`` training keeps only the input (the dense block's buffer, kept
+    anyway) and the dropout mask, and recomputes the rest in backward (``efficient.py``).
+    """
+
+    def __init__(self, channels: int, dropout: float = 0.2, memory_efficient: bool = False) -> None:
         super().__init__(
             nn.BatchNorm2d(channels),
             nn.ReLU(inplace=True),
             nn.Conv2d(channels, channels, 1, bias=True),
-            nn.Dropout(dropout),
+            Dropout(dropout),
             nn.MaxPool2d(2),
         )
         self.out_channels = channels
+        self.memory_efficient = memory_efficient
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (
+            self.memory_efficient
+            and torch.is_grad_enabled()
+            and "forward" not in self[0].__dict__  # per-image BatchNorm (batch_statistics)
+            and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        ):
+            from .efficient import efficient_transition_down
+
+            return efficient_transition_down(self, x)
+        return super().forward(x)
 
 
 def center_crop(x: Tensor, size: Sequence[int]) -> Tensor:
@@ -55,13 +72,17 @@ class TransitionUp(nn.Module):
         else:
             self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=True)
 
-    def forward(self, x: Tensor, skip: Tensor) -> Tensor:
-        size = skip.shape[-2:]
+    def upsample(self, x: Tensor, size: Sequence[int]) -> Tensor:
+        """The new maps, upsampled to ``size`` (the skip's height and width)."""
         if self.mode == "transposed":
-            x = center_crop(self.conv(x), size)
-        else:
-            x = self.conv(F.interpolate(x, size=size, mode="bilinear", align_corners=False))
-        return torch.cat([x, skip], 1)
+            return center_crop(self.conv(x), size)
+        return self.conv(F.interpolate(x, size=size, mode="bilinear", align_corners=False))
+
+    def forward(self, x: Tensor, skip: Tensor, concat: bool = True) -> Tensor | list[Tensor]:
+        """``[upsampled, skip]`` concatenated, or as a list with ``concat=False`` (what
+        FCDenseNet passes on: its next dense block takes the pieces without the copy)."""
+        parts = [self.upsample(x, skip.shape[-2:]), skip]
+        return torch.cat(parts, 1) if concat else parts
 
 
 class FCDenseNet(nn.Module):
@@ -124,7 +145,7 @@ class FCDenseNet(nn.Module):
             channels = block.out_channels
             skip_channels.append(channels)
             self.down_blocks.append(block)
-            self.trans_down.append(TransitionDown(channels, dropout))
+            self.trans_down.append(TransitionDown(channels, dropout, memory_efficient))
 
         self.bottleneck = DenseBlock(
             bottleneck_layers, channels, growth_rate, keep_input=False, **block_kwargs
@@ -142,6 +163,7 @@ class FCDenseNet(nn.Module):
             self.up_blocks.append(block)
             upsample_channels = block.new_channels
         self.classifier = nn.Conv2d(self.up_blocks[-1].out_channels, num_classes, 1, bias=True)
+        self.up_blocks[-1].owns_output_grad = True  # only the classifier reads its output
         he_uniform_(self)
 
     def stages(self) -> list[tuple[str, str, int]]:
@@ -219,5 +241,7 @@ class FCDenseNet(nn.Module):
             x = down(x)
         x = self.bottleneck(x)
         for up, block, skip in zip(self.trans_up, self.up_blocks, reversed(skips), strict=True):
-            x = block(up(x, skip))
+            # The block takes [upsampled, skip] unconcatenated: the memory-efficient path
+            # copies both straight into its buffer, the naive one concatenates in its first layer.
+            x = block(up(x, skip, concat=False))
         return self.classifier(x)
