@@ -201,7 +201,8 @@ def _bn_relu_backward(
     """Gradient through ReLU (in place on ``grad``, using the output ``h``) and then BN."""
     c1 = bn.num_features if c1 is None else c1
     mean, invstd, train = stats
-    grad.masked_fill_(h <= 0, 0)
+    # In place and vectorised (masked_fill_ with a bool mask was 15x slower in bf16).
+    torch.ops.aten.threshold_backward.grad_input(grad, h, 0, grad_input=grad)
     return torch.ops.aten.native_batch_norm_backward(
         grad,
         x,
