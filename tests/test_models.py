@@ -352,3 +352,18 @@ def test_keep_mask_probability_layout_and_seeding():
     y = dropout(torch.ones(4, 4, 32, 32), 0.25)
     assert torch.equal(y.unique(), torch.tensor([0.0, 4 / 3]))
     assert torch.equal(dropout(y, 0.5, training=False), y)
+
+
+def test_efficient_up_block_buffer_follows_channels_last_through_the_crop():
+    """The transposed conv's output is cropped to the skip: a view that is neither layout's
+    contiguous. The block buffer must still be channels_last, or every layer gets slow kernels."""
+    from tiramisu.models.efficient import _memory_format
+
+    x = torch.randn(1, 8, 9, 11).contiguous(memory_format=torch.channels_last)[..., :8, :10]
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    assert _memory_format(x) == torch.channels_last
+    assert _memory_format(torch.randn(1, 8, 9, 11)[..., :8, :10]) == torch.contiguous_format
+    block = DenseBlock(2, 16, 4, memory_efficient=True).to(memory_format=torch.channels_last)
+    skip = torch.randn(1, 8, 8, 10).contiguous(memory_format=torch.channels_last)
+    out = block([x.requires_grad_(), skip])
+    assert out.is_contiguous(memory_format=torch.channels_last)

@@ -146,11 +146,9 @@ def _dense_view(buf: Tensor, c0: int, c1: int) -> Tensor:
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
-    if (
-        x.dim() == 4
-        and not x.is_contiguous()
-        and x.is_contiguous(memory_format=torch.channels_last)
-    ):
+    """channels_last when channels are x's innermost dimension, also for cropped views (the
+    upsampled maps FC-DenseNet crops to its skip's size are neither layout's contiguous)."""
+    if x.dim() == 4 and x.stride(1) < x.stride(3):
         return torch.channels_last
     return torch.contiguous_format
 
