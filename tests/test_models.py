@@ -367,3 +367,27 @@ def test_efficient_up_block_buffer_follows_channels_last_through_the_crop():
     skip = torch.randn(1, 8, 8, 10).contiguous(memory_format=torch.channels_last)
     out = block([x.requires_grad_(), skip])
     assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_subpixel_transposed_conv_equals_conv_transpose2d():
+    from tiramisu.models.fcdensenet import subpixel_transposed_conv
+
+    torch.manual_seed(0)
+    for shape, c_out in (((2, 5, 7, 9), 6), ((1, 3, 1, 4), 2)):
+        tc = nn.ConvTranspose2d(shape[1], c_out, 3, stride=2)
+        x = torch.randn(*shape, requires_grad=True)
+        ref = tc(x)
+        got = subpixel_transposed_conv(x, tc.weight, tc.bias)
+        assert got.shape == ref.shape == (shape[0], c_out, 2 * shape[2] + 1, 2 * shape[3] + 1)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+        g = torch.randn_like(ref)
+        grads_ref = torch.autograd.grad(ref, [x, tc.weight, tc.bias], g)
+        grads = torch.autograd.grad(got, [x, tc.weight, tc.bias], g)
+        for a, b in zip(grads, grads_ref, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # FC-DenseNet takes this path under CPU bf16 autocast: same output within bf16 rounding.
+    up = TransitionUp(4)
+    x, skip = torch.randn(1, 4, 6, 7), torch.randn(1, 3, 12, 14)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = up(x, skip)
+    torch.testing.assert_close(fast.float(), up(x, skip), rtol=0.05, atol=0.05)
