@@ -305,3 +305,24 @@ def test_demo_leaves_a_complete_run_folder(tmp_path):
         assert (run / name).is_file(), name
     assert len(list((run / "predictions").glob("*_compare.png"))) == 8
     assert 0 <= metrics["miou"] <= 1
+
+
+def test_amp_and_channels_last_auto_resolve_per_device():
+    from tiramisu.engine import autocast_context, resolve_amp, resolve_fast_paths
+
+    cpu = torch.device("cpu")
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert resolve_amp(cpu, "auto") == ("bf16" if native else "none")
+    assert resolve_amp(cpu, "none") == "none" and resolve_amp(cpu, "bf16") == "bf16"
+    cfg = {"amp": "auto", "channels_last": "auto"}
+    resolve_fast_paths(cfg, cpu)
+    expected = {"amp": "bf16", "channels_last": True} if native else {"amp": "none"}
+    assert cfg == {"channels_last": False, **expected}
+    cfg = {"amp": "bf16", "channels_last": False}  # explicit choices are kept
+    resolve_fast_paths(cfg, cpu)
+    assert cfg == {"amp": "bf16", "channels_last": False}
+    with autocast_context(cpu, "bf16"):
+        assert torch.is_autocast_enabled("cpu")
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+    with pytest.raises(Exception, match="auto, none, bf16 or fp16"):
+        autocast_context(cpu, "fp8")

@@ -248,7 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device", default="auto")
-    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
+    p.add_argument(
+        "--amp",
+        default="none",
+        choices=["none", "auto", "bf16", "fp16"],
+        help="reduced precision (auto: bf16 where the hardware has it; ~1.8x faster on a "
+        "bf16 CPU, masks may differ from fp32 at a few pixels)",
+    )
     p.add_argument(
         "--channels-last",
         action="store_true",

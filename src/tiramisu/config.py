@@ -83,8 +83,10 @@ DEFAULTS: dict[str, Any] = {
         "patience": 100,  # early stopping on the monitored metric; null disables it
         "monitor": "miou",  # miou | accuracy
         "class_weights": None,  # null | median_frequency | [w0, w1, ...]
-        "amp": "none",  # none | bf16 | fp16
-        "channels_last": False,
+        # auto: bf16 where the CPU/GPU computes it natively (else fp16 on older GPUs, none
+        # on other CPUs) | none | bf16 | fp16. See BENCHMARKS.md for the measured speed-ups.
+        "amp": "auto",
+        "channels_last": "auto",  # auto: on when amp is on | true | false
         "compile": False,
         "seed": 0,
         "deterministic": False,
