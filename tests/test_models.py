@@ -237,10 +237,25 @@ def _run_step(model, x, seed):
     return y.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize(("dropout", "chunk"), [(0.0, None), (0.2, None), (0.2, 2000)])
-def test_memory_efficient_fcdensenet_equals_naive(dropout, chunk, monkeypatch):
+_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize(
+    ("dropout", "chunk", "device"),
+    [
+        (0.0, None, "cpu"),
+        (0.2, None, "cpu"),
+        (0.2, 2000, "cpu"),
+        pytest.param(0.0, None, "cuda", marks=_CUDA),
+        pytest.param(0.2, 2000, "cuda", marks=_CUDA),
+    ],
+)
+def test_memory_efficient_fcdensenet_equals_naive(dropout, chunk, device, monkeypatch):
     if chunk is not None:  # backward in channel chunks of a few maps, as at full resolution
         monkeypatch.setattr(efficient_impl, "_CHUNK_ELEMENTS", chunk)
+    if device == "cuda":  # full-precision convolutions, so only summation order differs
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     torch.manual_seed(0)
     naive = FCDenseNet(
         growth_rate=4,
@@ -252,7 +267,9 @@ def test_memory_efficient_fcdensenet_equals_naive(dropout, chunk, monkeypatch):
     )
     efficient = FCDenseNet(**{**naive.config, "memory_efficient": True})
     efficient.load_state_dict(naive.state_dict())
-    x = torch.randn(2, 3, 20, 24)
+    naive.to(device)
+    efficient.to(device)
+    x = torch.randn(2, 3, 20, 24, device=device)
     y0, g0 = _run_step(naive, x, seed=5)  # same seed: the same dropout masks
     y1, g1 = _run_step(efficient, x, seed=5)
     torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
