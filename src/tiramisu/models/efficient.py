@@ -9,6 +9,13 @@ that buffer, the dropout masks and the parameters. In backward each layer's chea
 convolution is differentiated directly with ``aten.convolution_backward`` -- it is never run
 forward a second time, unlike ``torch.utils.checkpoint`` around the layer.
 
+What else keeps FC-DenseNet103's training memory at ~0.27x the naive path's (BENCHMARKS.md):
+BN-ReLU and its gradients are computed in channel chunks (``_CHUNK_ELEMENTS``), so no temporary
+spans a whole wide block at full resolution; dropout masks drawn on the CPU are kept as their
+seeds and redrawn; blocks whose output gradient nobody else can hold reuse it as their gradient
+buffer; several inputs (upsampled maps + skip) are copied into the buffer without being
+concatenated first; and FC-DenseNet's transition down keeps only its input (below).
+
 Written by hand because no library offers shared-buffer dense blocks; the results equal the
 naive path's (same RNG use for dropout), which the tests check.
 """
