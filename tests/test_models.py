@@ -408,3 +408,53 @@ def test_subpixel_transposed_conv_equals_conv_transpose2d():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         fast = up(x, skip)
     torch.testing.assert_close(fast.float(), up(x, skip), rtol=0.05, atol=0.05)
+
+
+def test_efficient_transition_down_keeps_only_its_input():
+    from tiramisu.models import TransitionDown
+
+    def saved(td, x):
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = td(x)
+        return total, y
+
+    torch.manual_seed(0)
+    naive = TransitionDown(8, dropout=0.2).train()
+    eff = TransitionDown(8, dropout=0.2, memory_efficient=True).train()
+    eff.load_state_dict(naive.state_dict())
+    x = torch.randn(2, 8, 16, 16, requires_grad=True)
+    torch.manual_seed(1)
+    naive_bytes, y0 = saved(naive, x)
+    torch.manual_seed(1)
+    eff_bytes, y1 = saved(eff, x)
+    torch.testing.assert_close(y1, y0)
+    assert eff_bytes == x.numel() * 4  # the input only; the dropout mask is kept as its seed
+    assert naive_bytes > 4 * eff_bytes
+    g = torch.randn_like(y0)
+    gx0, gw0 = torch.autograd.grad(y0, [x, naive[2].weight], g)
+    gx1, gw1 = torch.autograd.grad(y1, [x, eff[2].weight], g)
+    torch.testing.assert_close(gx1, gx0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gw1, gw0, rtol=1e-5, atol=1e-6)
+
+
+def test_reusing_the_output_gradient_never_corrupts_a_shared_gradient():
+    """Only the new maps leave this block, so its backward reuses the output's gradient in
+    place; a gradient autograd hands to two consumers (here by the addition) must survive."""
+    block = DenseBlock(2, 4, 4, keep_input=False, memory_efficient=True)
+    assert block.owns_output_grad
+    x = torch.randn(1, 4, 8, 8, requires_grad=True)
+    w = torch.zeros(1, 8, 8, 8, requires_grad=True)
+    (block(x) + w).sum().backward()
+    assert torch.equal(w.grad, torch.ones_like(w))
+    naive = DenseBlock(2, 4, 4, keep_input=False)
+    naive.load_state_dict(block.state_dict())
+    x2 = x.detach().clone().requires_grad_()
+    naive(x2).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
