@@ -350,3 +350,26 @@ def test_unknown_hub_id_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CheckpointError, match="Hugging Face Hub"):
         tiramisu.from_pretrained("nobody/no-such-tiramisu")
+
+
+def test_predict_fast_paths_are_selectable(pretrained, tmp_path, monkeypatch):
+    """--amp auto --channels-last --compile reach the model; masks stay close to fp32's."""
+    compiled = []
+
+    def fake_compile(model):  # the wiring, without minutes of inductor compilation
+        compiled.append(model)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    img = tmp_path / "in.png"
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(img)
+    base = ["predict", "--checkpoint", str(pretrained), str(img), "--quiet", "--out"]
+    assert main([*base, str(tmp_path / "fp32")]) == 0
+    fast = ["--amp", "auto", "--channels-last", "--compile"]
+    assert main([*base, str(tmp_path / "fast"), *fast]) == 0
+    assert len(compiled) == 1
+    a = np.asarray(Image.open(tmp_path / "fp32" / "in.png"))
+    b = np.asarray(Image.open(tmp_path / "fast" / "in.png"))
+    assert a.shape == b.shape == (64, 80)
+    assert (a == b).mean() > 0.9

@@ -116,6 +116,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         device=resolve_device(args.device),
         amp=args.amp,
         channels_last=args.channels_last,
+        compile=args.compile,
     )
     paths, problems = expand_inputs(args.inputs)
     done, failed = predict_files(
@@ -259,6 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--channels-last",
         action="store_true",
         help="channels_last memory format (faster with bf16 on recent CPUs)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model (pays off only for many images of one size)",
     )
     p.add_argument("--tta", action="store_true", help="average with a horizontally flipped pass")
     p.add_argument("--tile", type=int, help="sliding-window tile size for large images")

@@ -112,6 +112,7 @@ class Segmenter:
         device: str | torch.device = "cpu",
         amp: str = "none",
         channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         self.model = model
         self.config = config
@@ -123,6 +124,9 @@ class Segmenter:
             self.model = model.to(self.device).eval()
             if channels_last:
                 self.model = self.model.to(memory_format=torch.channels_last)
+        # The compiled wrapper only runs the forward; self.model stays the plain module, so
+        # save_pretrained and attribute access see the original names.
+        self._forward = torch.compile(self.model) if compile and not self.is_onnx else self.model
         pre = config["preprocessing"]
         self.channels = int(pre["channels"])
         self.mean = torch.tensor(pre["mean"]).view(-1, 1, 1) if pre.get("mean") else None
@@ -210,7 +214,7 @@ class Segmenter:
             mode = "reflect" if pad_h < h and pad_w < w else "replicate"
             x = F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
         if self.is_onnx:
-            return self.model(x)[..., :h, :w]
+            return self._forward(x)[..., :h, :w]
         x = x.to(self.device)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -218,7 +222,7 @@ class Segmenter:
 
         bn = batch_statistics(self.model) if self.bn_eval == "batch" else contextlib.nullcontext()
         with torch.inference_mode(), bn, autocast_context(self.device, self.amp):
-            return self.model(x).float()[..., :h, :w]
+            return self._forward(x).float()[..., :h, :w]
 
     def predict_proba_batch(
         self, x: Tensor, tta: bool = False, tile: int | None = None, overlap: int = 64
