@@ -229,6 +229,21 @@ def test_registry():
         tiramisu.create_model("fcdensenet56", not_a_parameter=1)
 
 
+def _naive_and_efficient(down_blocks, dropout):
+    """A small FC-DenseNet and its memory-efficient twin with the same weights."""
+    naive = FCDenseNet(
+        growth_rate=4,
+        down_blocks=down_blocks,
+        bottleneck_layers=2,
+        first_conv_channels=8,
+        num_classes=3,
+        dropout=dropout,
+    )
+    efficient = FCDenseNet(**{**naive.config, "memory_efficient": True})
+    efficient.load_state_dict(naive.state_dict())
+    return naive, efficient
+
+
 def _run_step(model, x, seed):
     torch.manual_seed(seed)
     model.train()
@@ -257,16 +272,7 @@ def test_memory_efficient_fcdensenet_equals_naive(dropout, chunk, device, monkey
         monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
         monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     torch.manual_seed(0)
-    naive = FCDenseNet(
-        growth_rate=4,
-        down_blocks=(2, 3),
-        bottleneck_layers=2,
-        first_conv_channels=8,
-        num_classes=3,
-        dropout=dropout,
-    )
-    efficient = FCDenseNet(**{**naive.config, "memory_efficient": True})
-    efficient.load_state_dict(naive.state_dict())
+    naive, efficient = _naive_and_efficient(down_blocks=(2, 3), dropout=dropout)
     naive.to(device)
     efficient.to(device)
     x = torch.randn(2, 3, 20, 24, device=device)
@@ -303,16 +309,7 @@ def test_memory_efficient_densenet_bc_equals_naive(chunk, monkeypatch):
 
 def test_memory_efficient_under_bf16_autocast_and_channels_last():
     torch.manual_seed(0)
-    naive = FCDenseNet(
-        growth_rate=4,
-        down_blocks=(2, 2),
-        bottleneck_layers=2,
-        first_conv_channels=8,
-        num_classes=3,
-        dropout=0.0,
-    )
-    efficient = FCDenseNet(**{**naive.config, "memory_efficient": True})
-    efficient.load_state_dict(naive.state_dict())
+    naive, efficient = _naive_and_efficient(down_blocks=(2, 2), dropout=0.0)
     x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     grads = []
     for m in (naive, efficient):

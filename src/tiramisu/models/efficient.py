@@ -22,14 +22,14 @@ naive path's (same RNG use for dropout), which the tests check.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import MaskToken, draw_keep_mask, rebuild_keep_mask
+from .layers import MaskToken, compute_dtype, draw_keep_mask, rebuild_keep_mask
 
 
 def _bn_momentum(bn: nn.BatchNorm2d, update_stats: bool) -> float | None:
@@ -43,19 +43,26 @@ def _bn_momentum(bn: nn.BatchNorm2d, update_stats: bool) -> float | None:
     return 1.0 / float(bn.num_batches_tracked)
 
 
+def _bn_args(
+    bn: nn.BatchNorm2d, c0: int = 0, c1: int | None = None
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None, bool]:
+    """Weight, bias, running mean and variance of BN channels ``c0:c1`` (views), and whether
+    batch statistics normalise. BatchNorm is per channel, so a chunk of channels gives the same
+    numbers as the whole tensor."""
+    c1 = bn.num_features if c1 is None else c1
+    rm, rv = _slice(bn.running_mean, c0, c1), _slice(bn.running_var, c0, c1)
+    return _slice(bn.weight, c0, c1), _slice(bn.bias, c0, c1), rm, rv, bn.training or rm is None
+
+
 def _bn(
     x: Tensor, bn: nn.BatchNorm2d, momentum: float | None, c0: int = 0, c1: int | None = None
 ) -> Tensor:
-    """BatchNorm over channels ``c0:c1`` as the module computes it (per channel, so a chunk of
-    channels gives the same numbers as the whole); running stats change iff ``momentum``."""
-    c1 = bn.num_features if c1 is None else c1
-    w, b = _slice(bn.weight, c0, c1), _slice(bn.bias, c0, c1)
-    rm, rv = _slice(bn.running_mean, c0, c1), _slice(bn.running_var, c0, c1)
-    if bn.training or rm is None:
-        if momentum is None:
-            return F.batch_norm(x, None, None, w, b, True, 0.0, bn.eps)
-        return F.batch_norm(x, rm, rv, w, b, True, momentum, bn.eps)
-    return F.batch_norm(x, rm, rv, w, b, False, 0.0, bn.eps)
+    """BatchNorm over channels ``c0:c1`` as the module computes it; running stats change iff
+    ``momentum``."""
+    w, b, rm, rv, batch_stats = _bn_args(bn, c0, c1)
+    if batch_stats and momentum is None:
+        return F.batch_norm(x, None, None, w, b, True, 0.0, bn.eps)
+    return F.batch_norm(x, rm, rv, w, b, batch_stats, momentum or 0.0, bn.eps)
 
 
 def _first_conv(layer: nn.Module, buf: Tensor, c: int, update_stats: bool) -> Tensor:
@@ -85,6 +92,27 @@ def _first_conv(layer: nn.Module, buf: Tensor, c: int, update_stats: bool) -> Te
     return out.to(part.dtype)
 
 
+def _dropout_(z: Tensor, p: float) -> MaskToken:
+    """Dropout on ``z`` in place with the RNG calls and arithmetic of ``layers.dropout`` (so
+    seeded runs match the naive path); returns what rebuilds the mask."""
+    keep, token = draw_keep_mask(z, p)
+    z.mul_(keep.to(z.dtype).div_(1 - p))
+    return token
+
+
+def _stash_masks(ctx: Any, tokens: list[MaskToken]) -> list[Tensor]:
+    """Keep masks drawn on the CPU as their seeds on ``ctx``; return the tensor masks, which
+    go to ``save_for_backward``."""
+    ctx.tokens = [None if isinstance(t, Tensor) else t for t in tokens]
+    return [t for t in tokens if isinstance(t, Tensor)]
+
+
+def _masks(tokens: list[MaskToken | None], saved: list[Tensor]) -> Iterator[Tensor]:
+    """The masks of ``tokens`` in order, redrawn from seeds or taken from ``saved``."""
+    saved_iter = iter(saved)
+    return (next(saved_iter) if t is None else rebuild_keep_mask(t) for t in tokens)
+
+
 def _layer_params(layer: nn.Module) -> list[Tensor]:
     mods = [layer.norm1, layer.conv1, layer.norm2]
     params = [p for m in mods if m is not None for p in (m.weight, m.bias) if p is not None]
@@ -106,16 +134,11 @@ def block_buffer_forward(
     k = block.growth_rate
     x = inputs[0]
     c_in = sum(t.shape[1] for t in inputs)
-    dtype = (
-        torch.get_autocast_dtype(x.device.type)
-        if torch.is_autocast_enabled(x.device.type)
-        else x.dtype
-    )
     buf = torch.empty(
         x.shape[0],
         c_in + len(layers) * k,
         *x.shape[2:],
-        dtype=dtype,
+        dtype=compute_dtype(x),
         device=x.device,
         memory_format=_memory_format(x),
     )
@@ -129,11 +152,9 @@ def block_buffer_forward(
             z = F.relu(_bn(z, layer.norm2, _bn_momentum(layer.norm2, update_stats)), inplace=True)
             z = F.conv2d(z, layer.conv2.weight, layer.conv2.bias, padding=1)
         if layer.dropout > 0 and layer.training:
-            # Same RNG calls and arithmetic as layers.dropout: seeded runs match the naive path.
-            keep, token = draw_keep_mask(z, layer.dropout)
+            token = _dropout_(z, layer.dropout)
             if masks is not None:
                 masks.append(token)
-            z.mul_(keep.to(z.dtype).div_(1 - layer.dropout))
         buf[:, c : c + k].copy_(z)
         c += k
     return buf
@@ -179,18 +200,12 @@ def _slice(t: Tensor | None, c0: int, c1: int) -> Tensor | None:
 def _bn_relu_recompute(
     bn: nn.BatchNorm2d, x: Tensor, c0: int = 0, c1: int | None = None
 ) -> tuple[Tensor, Tensor, Tensor, bool]:
-    """ReLU(BN(x)) for BN channels ``c0:c1`` exactly as forward computed it, plus its statistics.
-
-    BatchNorm is per channel, so a chunk of channels normalised alone gives the same result as
-    the whole tensor; the running statistics are not touched.
-    """
-    c1 = bn.num_features if c1 is None else c1
-    train = bn.training or bn.running_mean is None
-    rm = None if train else _slice(bn.running_mean, c0, c1)
-    rv = None if train else _slice(bn.running_var, c0, c1)
-    out, mean, invstd = torch.ops.aten.native_batch_norm(
-        x, _slice(bn.weight, c0, c1), _slice(bn.bias, c0, c1), rm, rv, train, 0.0, bn.eps
-    )
+    """ReLU(BN(x)) for BN channels ``c0:c1`` exactly as forward computed it, plus its
+    statistics; the running statistics are not touched."""
+    w, b, rm, rv, train = _bn_args(bn, c0, c1)
+    if train:
+        rm = rv = None
+    out, mean, invstd = torch.ops.aten.native_batch_norm(x, w, b, rm, rv, train, 0.0, bn.eps)
     return out.relu_(), mean, invstd, train
 
 
@@ -204,21 +219,14 @@ def _bn_relu_backward(
     c1: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradient through ReLU (in place on ``grad``, using the output ``h``) and then BN."""
-    c1 = bn.num_features if c1 is None else c1
     mean, invstd, train = stats
+    w, _, rm, rv, _ = _bn_args(bn, c0, c1)
+    if train:
+        rm = rv = None
     # In place and vectorised (masked_fill_ with a bool mask was 15x slower in bf16).
     torch.ops.aten.threshold_backward.grad_input(grad, h, 0, grad_input=grad)
     return torch.ops.aten.native_batch_norm_backward(
-        grad,
-        x,
-        _slice(bn.weight, c0, c1),
-        None if train else _slice(bn.running_mean, c0, c1),
-        None if train else _slice(bn.running_var, c0, c1),
-        mean,
-        invstd,
-        train,
-        bn.eps,
-        [True, True, True],
+        grad, x, w, rm, rv, mean, invstd, train, bn.eps, [True, True, True]
     )
 
 
@@ -283,15 +291,11 @@ def _layer_backward(layer: nn.Module, buf: Tensor, c: int, g: Tensor, grad_buf: 
         grad_buf[:, c0:c1] += grad_x
         gn1w[c0:c1] = gw_n
         gn1b[c0:c1] = gb_n
+    grads = [gn1w, gn1b, gwf, *([gbf] if first.bias is not None else [])]
     if layer.conv1 is not None:
-        grads = [gn1w, gn1b, gwf, *([gbf] if first.bias is not None else []), gn2w, gn2b]
-        grads.append(gw2.to(conv2.weight.dtype))
+        grads += [gn2w, gn2b, gw2.to(conv2.weight.dtype)]
         if conv2.bias is not None:
             grads.append(gb2.to(conv2.bias.dtype))
-        return grads
-    grads = [gn1w, gn1b, gwf]
-    if conv2.bias is not None:
-        grads.append(gbf)
     return grads
 
 
@@ -304,9 +308,7 @@ class _EfficientDenseBlock(torch.autograd.Function):
         ctx.block = block
         ctx.inputs = [(t.shape[1], t.dtype) for t in inputs]
         ctx.c_in = sum(c for c, _ in ctx.inputs)
-        # Masks drawn on the CPU are kept as their seeds and redrawn in backward.
-        ctx.tokens = [None if isinstance(t, Tensor) else t for t in tokens]
-        ctx.save_for_backward(buf, *[t for t in tokens if isinstance(t, Tensor)])
+        ctx.save_for_backward(buf, *_stash_masks(ctx, tokens))
         return buf
 
     @staticmethod
@@ -327,10 +329,7 @@ class _EfficientDenseBlock(torch.autograd.Function):
         else:
             grad_buf = grad_out.to(buf.dtype).clone(memory_format=fmt)
         param_grads: list[Tensor | None] = []
-        saved_iter = iter(reversed(saved_masks))
-        mask_iter = (
-            next(saved_iter) if t is None else rebuild_keep_mask(t) for t in reversed(ctx.tokens)
-        )
+        mask_iter = _masks(ctx.tokens[::-1], saved_masks[::-1])
         for i in reversed(range(len(layers))):
             layer = layers[i]
             c = ctx.c_in + i * k
@@ -380,17 +379,10 @@ class _EfficientTransitionDown(torch.autograd.Function):
         h = F.relu(_bn(x, bn, _bn_momentum(bn, update_stats=True)), inplace=True)
         z = F.conv2d(h, conv.weight, conv.bias)
         del h
-        mask = None
-        if drop.p > 0 and td.training:
-            # The same RNG calls and arithmetic as layers.dropout, so seeded runs match exactly.
-            mask, token = draw_keep_mask(z, drop.p)
-            z.mul_(mask.to(z.dtype).div_(1 - drop.p))
-            mask = token if isinstance(token, Tensor) else None
-            ctx.token = token
+        tokens = [_dropout_(z, drop.p)] if drop.p > 0 and td.training else []
         ctx.td = td
         ctx.z_dtype = z.dtype
-        ctx.has_dropout = drop.p > 0 and td.training
-        ctx.save_for_backward(x, *([mask] if mask is not None else []))
+        ctx.save_for_backward(x, *_stash_masks(ctx, tokens))
         return F.max_pool2d(z, 2)
 
     @staticmethod
@@ -403,11 +395,8 @@ class _EfficientTransitionDown(torch.autograd.Function):
         h, *stats = _bn_relu_recompute(bn, x)
         hz = h.to(zd)
         z = F.conv2d(hz, conv.weight.to(zd), None if conv.bias is None else conv.bias.to(zd))
-        scale = None
-        if ctx.has_dropout:
-            mask = saved_mask[0] if saved_mask else rebuild_keep_mask(ctx.token)
-            scale = mask.to(zd).div_(1 - drop.p)
-            del mask
+        # The dropout scale (mask / (1 - p)), or None without dropout.
+        scale = next((m.to(zd).div_(1 - drop.p) for m in _masks(ctx.tokens, saved_mask)), None)
         if scale is not None:
             z.mul_(scale)
         _, indices = torch.ops.aten.max_pool2d_with_indices(z, [2, 2], [2, 2])

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import DenseBlock, Dropout, he_uniform_
+from .layers import DenseBlock, Dropout, compute_dtype, he_uniform_, per_image_norm_active
 
 Upsampling = Literal["transposed", "bilinear"]
 
@@ -36,7 +36,7 @@ class TransitionDown(nn.Sequential):
         if (
             self.memory_efficient
             and torch.is_grad_enabled()
-            and "forward" not in self[0].__dict__  # per-image BatchNorm (batch_statistics)
+            and not per_image_norm_active(self[0])
             and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
         ):
             from .efficient import efficient_transition_down
@@ -76,12 +76,6 @@ def subpixel_transposed_conv(x: Tensor, weight: Tensor, bias: Tensor | None) -> 
     return F.pixel_shuffle(z, 2)[..., : 2 * x.shape[-2] + 1, : 2 * x.shape[-1] + 1]
 
 
-def _computes_in_bf16(x: Tensor) -> bool:
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type) == torch.bfloat16
-    return x.dtype == torch.bfloat16
-
-
 class TransitionUp(nn.Module):
     """Upsample the previous block's new maps by 2, match the skip's size, concatenate.
 
@@ -105,7 +99,7 @@ class TransitionUp(nn.Module):
     def upsample(self, x: Tensor, size: Sequence[int]) -> Tensor:
         """The new maps, upsampled to ``size`` (the skip's height and width)."""
         if self.mode == "transposed":
-            if x.device.type == "cpu" and _computes_in_bf16(x):
+            if x.device.type == "cpu" and compute_dtype(x) == torch.bfloat16:
                 y = subpixel_transposed_conv(x, self.conv.weight, self.conv.bias)
             else:
                 y = self.conv(x)

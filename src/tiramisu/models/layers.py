@@ -128,9 +128,20 @@ class DenseLayer(nn.Module):
         return x
 
 
+def per_image_norm_active(bn: nn.Module) -> bool:
+    """True inside ``batch_statistics``: the per-image norm replaces this BatchNorm's forward."""
+    return "forward" in bn.__dict__
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype convolutions on ``x`` compute in: autocast's where it is on, else x's own."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 def _has_patched_norms(block: nn.Module) -> bool:
-    """True inside ``batch_statistics``: the per-image norm replaces BatchNorm's forward."""
-    return "forward" in block.layers[0].norm1.__dict__
+    return per_image_norm_active(block.layers[0].norm1)
 
 
 class DenseBlock(nn.Module):
