@@ -46,6 +46,28 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_list_pretrained(args: argparse.Namespace) -> int:
+    from .zoo import list_pretrained
+
+    sets = list_pretrained()
+    if args.format == "json":
+        import json
+
+        print(json.dumps([s.__dict__ | {"trained": s.trained} for s in sets], indent=2))
+        return 0
+    print(f"{'name':22s} {'status':12s} {'val mIoU':>8s} {'val acc':>8s}  recipe")
+    for s in sets:
+        miou, acc = s.metrics.get("val_miou"), s.metrics.get("val_global_accuracy")
+        print(
+            f"{s.name:22s} {'trained' if s.trained else 'not trained':12s} "
+            f"{f'{100 * miou:.1f}' if miou is not None else '-':>8s} "
+            f"{f'{100 * acc:.1f}' if acc is not None else '-':>8s}  {s.recipe}"
+        )
+        if s.notes:
+            print(f"{'':22s} {s.notes}")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .engine import train
@@ -183,6 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'fcdense*'")
     p.set_defaults(func=cmd_list)
 
+    p = sub.add_parser(
+        "list-pretrained", help="published weight sets, their validation scores and recipes"
+    )
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.set_defaults(func=cmd_list_pretrained)
+
     p = sub.add_parser("summary", help="per-stage architecture, parameters and FLOPs of a model")
     p.add_argument("name", help="a registered model name (see 'tiramisu list')")
     p.add_argument(
@@ -243,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--checkpoint",
         required=True,
-        help="training checkpoint (.pt), pretrained directory or Hub id, or .onnx file",
+        help="training checkpoint (.pt), pretrained directory, published set name "
+        "(tiramisu list-pretrained) or Hub id, or .onnx file",
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or globs")
     p.add_argument("--out", required=True, help="output folder")

@@ -9,8 +9,6 @@ tensors only, so loading them can never execute code.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
+from .fileio import atomic_write_from, atomic_write_text
 from .models import DenseNet, FCDenseNet
 
 CONFIG_NAME = "config.json"
@@ -100,45 +99,58 @@ def check_state_dict(
             )
 
 
-def save_pretrained(model: nn.Module, config: dict[str, Any], directory: str | Path) -> Path:
-    """Write ``config.json`` and ``model.safetensors`` (each atomically) into ``directory``."""
+def save_pretrained(
+    model: nn.Module,
+    config: dict[str, Any],
+    directory: str | Path,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` (each atomically) into ``directory``.
+
+    ``dtype=torch.float16`` halves the file (floating tensors only); loading casts back to the
+    model's dtype."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={"format": "pt", "library": "tiramisu"})
-        os.replace(tmp, directory / WEIGHTS_NAME)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    tmp_cfg = directory / f".{CONFIG_NAME}.tmp"
-    tmp_cfg.write_text(json.dumps(config, indent=2))
-    os.replace(tmp_cfg, directory / CONFIG_NAME)
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    atomic_write_from(
+        directory / WEIGHTS_NAME,
+        lambda tmp: save_file(state, tmp, metadata={"format": "pt", "library": "tiramisu"}),
+    )
+    atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2))
     readme = directory / "README.md"
     if not readme.exists():
-        readme.write_text(
+        atomic_write_text(
+            readme,
             f"---\nlibrary_name: tiramisu\ntags: [semantic-segmentation, fc-densenet]\n---\n\n"
             f"# {config.get('model_name')}\n\nClasses: {', '.join(config['classes'])}.\n\n"
             "```python\nimport tiramisu\n"
             f'seg = tiramisu.Segmenter.from_pretrained("{directory.name}")\n'
-            f'mask = seg.predict("photo.png")\n```\n'
+            f'mask = seg.predict("photo.png")\n```\n',
         )
     return directory
 
 
 def resolve_pretrained(path_or_id: str | Path, revision: str | None = None) -> Path:
-    """A local directory, or a Hugging Face Hub repository id downloaded to the local cache."""
+    """A local directory, a published set's name (``fcdensenet56-camvid``, SHA-256 checked),
+    or a Hugging Face Hub repository id downloaded to the local cache."""
+    from . import zoo
+
     p = Path(path_or_id)
     if p.is_dir():
         return p
     if p.exists():
         raise CheckpointError(f"{p}: expected a directory with {CONFIG_NAME} and {WEIGHTS_NAME}")
     text = str(path_or_id)
+    if zoo.is_pretrained_name(text):
+        return zoo.resolve_named(text)
     if text.count("/") != 1 or text.startswith((".", "/")):
-        raise CheckpointError(f"{p}: no such directory (and not a Hub id like 'user/model')")
+        raise CheckpointError(
+            f"{p}: no such directory, pretrained set or Hub id like 'user/model'{zoo.suggest(text)}"
+        )
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
