@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from tiramisu.config import load_config
-from tiramisu.engine import train
+from tiramisu.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -22,7 +22,8 @@ import torch
 
 from tiramisu import create_model
 from tiramisu.config import load_config
-from tiramisu.engine import autocast_context, train
+from tiramisu.hardware import autocast_context
+from tiramisu.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
 

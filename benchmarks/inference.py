@@ -26,7 +26,7 @@ MODES = ["eager_fp32", "eager_bf16", "eager_bf16_cl", "onnxruntime"]
 
 def worker(model_name: str, batch: int, mode: str, size: tuple[int, int], repeats: int) -> dict:
     import tiramisu
-    from tiramisu.engine import autocast_context
+    from tiramisu.hardware import autocast_context
 
     model = tiramisu.create_model(model_name).eval()
     x = torch.rand(batch, 3, *size)

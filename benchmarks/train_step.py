@@ -109,7 +109,7 @@ def _model(name: str, memory_efficient: bool) -> torch.nn.Module:
 
 def build_step(name: str, size: tuple[int, int], mode: str, device: str) -> Callable[[], None]:
     """One training step of ``name`` in ``mode`` on random data, batch 3, as a closure."""
-    from tiramisu.engine import autocast_context
+    from tiramisu.hardware import autocast_context
 
     dev = torch.device(device)
     opts = MODES[mode]

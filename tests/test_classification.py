@@ -8,8 +8,8 @@ from PIL import Image
 from tiramisu.checkpoint import load_checkpoint
 from tiramisu.config import load_config
 from tiramisu.data.classification import build_classification_data, stratified_split
-from tiramisu.engine import evaluate_checkpoint, train
 from tiramisu.errors import DataError
+from tiramisu.training import evaluate_checkpoint, train
 
 TINY = "model.kwargs={block_config: [2, 2, 2], growth_rate: 4, num_init_features: 8}"
 

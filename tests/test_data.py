@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tiramisu import list_models
 from tiramisu.config import load_config
 from tiramisu.data import (
     JointTransform,
@@ -29,7 +30,7 @@ def write_pair(root, split, name, image, mask, image_ext="png"):
 
 
 def folder_cfg(root, **data):
-    cfg = load_config(None, [f"data.root={root}", "data.dataset=folder"])
+    cfg = load_config(None, [f"data.root={root}", "data.dataset=folder"]).to_dict()
     cfg["data"].update(data)
     return cfg
 
@@ -196,8 +197,8 @@ def test_pairing_needs_folders(tmp_path):
 
 def test_config_overrides_and_unknown_keys(tmp_path):
     cfg = load_config(None, ["train.lr=5e-4", "data.crop_size=[128, 96]", "model.kwargs.dropout=0"])
-    assert cfg["train"]["lr"] == 5e-4 and cfg["data"]["crop_size"] == [128, 96]
-    assert cfg["model"]["kwargs"] == {"dropout": 0}
+    assert cfg.train.lr == 5e-4 and cfg.data.crop_size == [128, 96]
+    assert cfg.model.kwargs == {"dropout": 0}
     with pytest.raises(TiramisuError, match="train.learning_rate"):
         load_config(None, ["train.learning_rate=1"])
     (tmp_path / "c.yaml").write_text("train:\n  bogus: 1\n")
@@ -210,7 +211,7 @@ def test_shipped_configs_load(tmp_path):
 
     for path in sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")):
         cfg = load_config(path)
-        assert cfg["model"]["name"]
+        assert cfg.model.name in list_models()
 
 
 def test_download_fails_clearly_offline(tmp_path, monkeypatch):

@@ -262,7 +262,7 @@ def test_export_weights_from_a_training_checkpoint(tmp_path):
     model = tiny_model()
     from tiramisu.config import load_config
 
-    cfg = load_config(None, ["data.dataset=synthetic", "model.name=fcdensenet56"])
+    cfg = load_config(None, ["data.dataset=synthetic", "model.name=fcdensenet56"]).to_dict()
     ckpt = {
         "format": "tiramisu-checkpoint",
         "model": model.state_dict(),
@@ -270,6 +270,7 @@ def test_export_weights_from_a_training_checkpoint(tmp_path):
         "labels": {"classes": ["a", "b", "c", "d"], "colors": [[0, 0, 0]] * 4, "ignore_index": 255},
         "in_channels": 3,
         "model_config": model.config,
+        "model_name": "fcdensenet56",
         "epoch": 3,
         "stage": "train",
     }
@@ -334,11 +335,14 @@ def test_loading_refuses_pickles_and_mismatches(pretrained, tmp_path, capsys):
     wrong = tmp_path / "wrong"
     save_pretrained(tiny_model(num_classes=5), tiny_config(tiny_model(num_classes=5)), wrong)
     cfg = json.loads((wrong / "config.json").read_text())
+    five = json.loads(json.dumps(cfg))
     cfg["model_config"]["num_classes"] = 4
     cfg["classes"] = cfg["classes"][:4]
+    cfg["colors"] = cfg["colors"][:4]
     (wrong / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="weights have 5 classes but the config says 4"):
         load_pretrained(wrong)
+    cfg = five
     cfg["model_config"]["growth_rate"] = 6
     (wrong / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="shape"):

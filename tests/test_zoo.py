@@ -14,9 +14,9 @@ from tiramisu import zoo
 from tiramisu.cli import main
 from tiramisu.config import load_config
 from tiramisu.data import make_synthetic_dataset
-from tiramisu.engine import train
 from tiramisu.errors import CheckpointError
 from tiramisu.inference import Segmenter
+from tiramisu.training import train
 
 
 @pytest.fixture(scope="module")

@@ -70,7 +70,7 @@ def cmd_list_pretrained(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .engine import train
+    from .training import train
 
     overrides = list(args.set or [])
     if args.data_root is not None:
@@ -81,7 +81,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.out is not None:
         out = Path(args.out)
     else:
-        out = Path("runs") / (Path(args.config).stem if args.config else cfg["model"]["name"])
+        out = Path("runs") / (Path(args.config).stem if args.config else cfg.model.name)
     train(
         cfg,
         out,
@@ -95,7 +95,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
-    from .engine import evaluate_checkpoint
+    from .training import evaluate_checkpoint
 
     ckpt = load_checkpoint(args.checkpoint)
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval_{args.split}"
@@ -128,7 +128,7 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .engine import resolve_device
+    from .hardware import resolve_device
     from .inference import Segmenter, expand_inputs, predict_files
 
     if args.overlap is not None and args.tile is None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .config import load_config
+from .config import RunConfig, load_config
 from .data import make_synthetic_dataset
 
 
-def demo_config(data_root: Path, epochs: int) -> dict:
+def demo_config(data_root: Path, epochs: int) -> RunConfig:
     # A small FC-DenseNet (same code, fewer and thinner layers) so that the demo trains to a
     # visibly good segmentation in about a minute on a laptop CPU.
     return load_config(
@@ -39,8 +39,11 @@ def demo_config(data_root: Path, epochs: int) -> dict:
 
 def run_demo(out: Path, epochs: int = 12, device: str = "auto") -> dict:
     from .checkpoint import load_checkpoint
-    from .engine import build_data, build_model_from_cfg, resolve_device, train
+    from .data.builders import build_run_data
+    from .hardware import resolve_device
     from .inference import save_predictions
+    from .models import build_model
+    from .training import train
 
     t0 = time.perf_counter()
     data_root = make_synthetic_dataset(out / "data", n_train=64, n_val=16, size=(96, 128))
@@ -48,8 +51,13 @@ def run_demo(out: Path, epochs: int = 12, device: str = "auto") -> dict:
     cfg = demo_config(data_root, epochs)
     run = out / "run"
     metrics = train(cfg, run, device=device)
-    data = build_data(cfg)
-    model = build_model_from_cfg(cfg, data["labels"].num_classes, data["channels"])
+    data = build_run_data(cfg.to_dict())
+    model = build_model(
+        cfg.model.name,
+        cfg.model.kwargs,
+        num_classes=data["labels"].num_classes,
+        in_channels=data["channels"],
+    )
     model.load_state_dict(load_checkpoint(run / "best.pt")["model"])
     dev = resolve_device(device)
     save_predictions(
@@ -58,7 +66,7 @@ def run_demo(out: Path, epochs: int = 12, device: str = "auto") -> dict:
         run / "predictions",
         data["labels"].colors,
         limit=8,
-        bn_eval=cfg["train"]["bn_eval"],
+        bn_eval=cfg.train.bn_eval,
         device=dev,
     )
     print(

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .data.segmentation import IMAGE_EXTENSIONS, image_to_tensor, pil_to_array
 from .errors import CheckpointError, DataError
+from .hardware import autocast_context
 from .models import batch_statistics
 
 ImageLike = str | Path | Image.Image | np.ndarray | Tensor
@@ -114,6 +115,11 @@ class Segmenter:
         channels_last: bool = False,
         compile: bool = False,
     ) -> None:
+        if config.get("task", "segmentation") != "segmentation":
+            raise CheckpointError(
+                f"this is a {config.get('task')} model ({config.get('model_name')}); a Segmenter "
+                f"needs a segmentation model (use 'tiramisu evaluate' for classifiers)"
+            )
         self.model = model
         self.config = config
         self.device = torch.device(device)
@@ -218,8 +224,6 @@ class Segmenter:
         x = x.to(self.device)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        from .engine import autocast_context
-
         bn = batch_statistics(self.model) if self.bn_eval == "batch" else contextlib.nullcontext()
         with torch.inference_mode(), bn, autocast_context(self.device, self.amp):
             return self._forward(x).float()[..., :h, :w]

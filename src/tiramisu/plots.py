@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +11,16 @@ matplotlib.use("Agg")  # no display on servers; must precede pyplot
 import matplotlib.pyplot as plt
 import numpy as np
 
+from .fileio import atomic_write_from
+
 
 def _save(fig: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write_from(
+            path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+        )
+    finally:
+        plt.close(fig)
 
 
 def plot_history(

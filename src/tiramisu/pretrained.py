@@ -17,24 +17,25 @@ from torch import nn
 
 from .errors import CheckpointError
 from .fileio import atomic_write_from, atomic_write_text
-from .models import DenseNet, FCDenseNet
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-ARCHITECTURES: dict[str, type[nn.Module]] = {"FCDenseNet": FCDenseNet, "DenseNet": DenseNet}
 
 
 def config_from_checkpoint(ckpt: dict[str, Any]) -> dict[str, Any]:
     """The pretrained config for a training checkpoint."""
+    from .data.transforms import normalization
+    from .models import model_info
+
     cfg = ckpt["config"]
     data = cfg["data"]
     labels = ckpt["labels"]
     model_config = dict(ckpt["model_config"])
     model_config["memory_efficient"] = False
-    from .data.transforms import normalization
-
     mean, std = normalization(data["normalize"], data["mean"], data["std"])
-    arch = "DenseNet" if cfg["task"] == "classification" else "FCDenseNet"
+    # The class that was trained: recorded since checkpoint format 1.1, else the registry's
+    # class for the model name (never guessed from the task).
+    arch = ckpt.get("model_class") or model_info(ckpt["model_name"])[0].__name__
     return {
         "library": "tiramisu",
         "format_version": 1,
@@ -61,16 +62,144 @@ def config_from_checkpoint(ckpt: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def build_model(config: dict[str, Any]) -> nn.Module:
-    arch = config.get("architecture")
-    if arch not in ARCHITECTURES:
-        raise CheckpointError(
-            f"config.json: unknown architecture {arch!r} (known: {', '.join(ARCHITECTURES)})"
+# Far above any published DenseNet, far below what would exhaust memory when building.
+_BOUNDS = {
+    "growth_rate": 512,
+    "num_classes": 65536,
+    "in_channels": 64,
+    "first_conv_channels": 4096,
+    "num_init_features": 4096,
+    "bottleneck_layers": 512,
+}
+_MAX_LAYERS_PER_BLOCK = 512
+_MAX_BLOCKS = 12
+
+
+def _check_bounds(model_config: Any, source: str) -> None:
+    """Refuse absurd architectures before a single tensor is allocated."""
+    if not isinstance(model_config, dict):
+        raise CheckpointError(f"{source}: model_config must be a mapping")
+    for key, limit in _BOUNDS.items():
+        v = model_config.get(key)
+        if v is None:
+            continue
+        if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= limit:
+            raise CheckpointError(
+                f"{source}: model_config.{key} must be an integer in [1, {limit}], got {v!r}"
+            )
+    for key in ("down_blocks", "up_blocks", "block_config"):
+        v = model_config.get(key)
+        if v is None:
+            continue
+        ok = isinstance(v, list) and 1 <= len(v) <= _MAX_BLOCKS
+        ok = ok and all(
+            isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= _MAX_LAYERS_PER_BLOCK
+            for n in v
         )
+        if not ok:
+            raise CheckpointError(
+                f"{source}: model_config.{key} must list 1-{_MAX_BLOCKS} block sizes of "
+                f"0-{_MAX_LAYERS_PER_BLOCK} layers, got {v!r}"
+            )
+
+
+def build_model(config: dict[str, Any], source: str = "config.json") -> nn.Module:
+    from .models import build_architecture, model_classes
+
+    arch = config.get("architecture")
+    if arch not in model_classes():
+        raise CheckpointError(
+            f"{source}: unknown architecture {arch!r} (known: {', '.join(model_classes())})"
+        )
+    _check_bounds(config.get("model_config"), source)
     try:
-        return ARCHITECTURES[arch](**config["model_config"])
+        return build_architecture(arch, config["model_config"])
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"config.json: cannot build {arch}: {e}") from None
+        raise CheckpointError(f"{source}: cannot build {arch}: {e}") from None
+
+
+def validate_config(config: Any, source: str) -> None:
+    """Types and ranges of a pretrained config, checked before anything is built from it."""
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{source}: must hold a JSON object")
+    for key in ("architecture", "model_config", "classes", "preprocessing"):
+        if key not in config:
+            raise CheckpointError(f"{source}: missing key {key!r}")
+    _check_bounds(config["model_config"], source)
+    classes = config["classes"]
+    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+        raise CheckpointError(
+            f"{source}: classes must be a non-empty list of names, got {classes!r}"
+        )
+    colors = config.get("colors", [])
+    ok = (
+        isinstance(colors, list)
+        and len(colors) == len(classes)
+        and all(
+            isinstance(c, list)
+            and len(c) == 3
+            and all(isinstance(v, int) and 0 <= v <= 255 for v in c)
+            for c in colors
+        )
+    )
+    if not ok:
+        raise CheckpointError(
+            f"{source}: colors must list one [r, g, b] (0-255) per class, got {colors!r}"
+        )
+    pre = config["preprocessing"]
+    if not isinstance(pre, dict) or pre.get("channels") not in (1, 3, 4):
+        got = pre.get("channels") if isinstance(pre, dict) else pre
+        raise CheckpointError(f"{source}: preprocessing.channels must be 1, 3 or 4, got {got!r}")
+    for key in ("mean", "std"):
+        v = pre.get(key)
+        ok = v is None or (
+            isinstance(v, list)
+            and len(v) == pre["channels"]
+            and all(isinstance(x, int | float) and not isinstance(x, bool) for x in v)
+        )
+        if not ok:
+            raise CheckpointError(
+                f"{source}: preprocessing.{key} must be null or {pre['channels']} numbers, "
+                f"got {v!r}"
+            )
+    if pre.get("std") is not None and any(x <= 0 for x in pre["std"]):
+        raise CheckpointError(f"{source}: preprocessing.std must be positive, got {pre['std']!r}")
+    if config.get("bn_eval", "running") not in ("batch", "running"):
+        raise CheckpointError(
+            f"{source}: bn_eval must be batch or running, got {config.get('bn_eval')!r}"
+        )
+
+
+def check_shapes_before_building(config: dict[str, Any], weights: Path) -> None:
+    """Compare the config with the weights' header (no tensor is read) before building."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            names = set(f.keys())
+            classifier = (
+                f.get_slice("classifier.weight").get_shape()
+                if ("classifier.weight" in names)
+                else None
+            )
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{weights}: not a valid safetensors file ({e})") from None
+    n = config["model_config"].get("num_classes")
+    if classifier is not None and n is not None and classifier[0] != n:
+        raise CheckpointError(
+            f"{weights}: weights have {classifier[0]} classes but the config says {n}"
+        )
+    expected_tensors = 0
+    mc = config["model_config"]
+    for key in ("down_blocks", "up_blocks", "block_config"):
+        expected_tensors += sum(mc.get(key) or [])
+    expected_tensors += mc.get("bottleneck_layers") or 0
+    # Every dense layer holds at least a BatchNorm and a convolution (6 tensors at least).
+    if 6 * expected_tensors > 10 * len(names) + 1000:
+        raise CheckpointError(
+            f"{weights}: the config describes about {expected_tensors} dense layers but the "
+            f"file holds only {len(names)} tensors"
+        )
 
 
 def check_state_dict(
@@ -188,10 +317,9 @@ def load_pretrained(
         config = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
-    for key in ("architecture", "model_config", "classes", "preprocessing"):
-        if key not in config:
-            raise CheckpointError(f"{cfg_path}: missing key {key!r}")
-    model = build_model(config)
+    validate_config(config, str(cfg_path))
+    check_shapes_before_building(config, weights_path)
+    model = build_model(config, str(cfg_path))
     try:
         state = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as e:

@@ -8,6 +8,7 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from ..errors import DataError
+from .builders import as_dict
 from .segmentation import (
     CAMVID_CLASSES,
     CAMVID_COLORS,
@@ -101,13 +102,13 @@ def resolve_channels(data: dict[str, Any]) -> int:
 
 
 def build_dataset(
-    cfg: dict[str, Any],
+    cfg: Any,
     split: str,
     train: bool,
     labels: LabelSpec | None = None,
     channels: int | None = None,
 ) -> Dataset:
-    data = cfg["data"]
+    data = as_dict(cfg)["data"]
     labels = labels or label_spec(data)
     channels = channels or resolve_channels(data)
     mean, std = normalization(data["normalize"], data["mean"], data["std"])

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from ..errors import DataError
+from .builders import as_dict
 from .segmentation import IMAGE_EXTENSIONS, LabelSpec, default_colors
 from .transforms import normalization
 
@@ -187,7 +188,8 @@ def _channels(data: dict[str, Any], images: Any) -> int:
         return {"L": 1, "RGBA": 4}.get(im.mode, 3)
 
 
-def build_classification_data(cfg: dict[str, Any]) -> dict[str, Any]:
+def build_classification_data(cfg: Any) -> dict[str, Any]:
+    cfg = as_dict(cfg)
     data = cfg["data"]
     src = _sources(cfg)
     channels = _channels(data, src["train"][0])
@@ -204,7 +206,8 @@ def build_classification_data(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"labels": labels, "channels": channels, "train": train, "val": val}
 
 
-def build_classification_split(cfg: dict[str, Any], split: str) -> ClassificationDataset:
+def build_classification_split(cfg: Any, split: str) -> ClassificationDataset:
+    cfg = as_dict(cfg)
     src = _sources(cfg)
     if split not in src:
         raise DataError(f"{cfg['data']['root']}: no {split} split")

@@ -9,7 +9,16 @@ from .layers import (
     he_uniform_,
     set_memory_efficient,
 )
-from .registry import create_model, list_models, model_info, register_model
+from .registry import (
+    build_architecture,
+    build_model,
+    create_model,
+    list_models,
+    model_classes,
+    model_config,
+    model_info,
+    register_model,
+)
 
 __all__ = [
     "DenseBlock",
@@ -20,10 +29,14 @@ __all__ = [
     "TransitionDown",
     "TransitionUp",
     "batch_statistics",
+    "build_architecture",
+    "build_model",
     "center_crop",
     "create_model",
     "he_uniform_",
     "list_models",
+    "model_classes",
+    "model_config",
     "model_info",
     "register_model",
     "set_memory_efficient",

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Literal
 
 from torch import Tensor, nn
 
+from .common import records_config
 from .layers import DenseBlock, Dropout
 
 Stem = Literal["cifar", "imagenet"]
@@ -38,6 +39,7 @@ class DenseNet(nn.Module):
     stride-2 conv + max-pool of torchvision's ImageNet models.
     """
 
+    @records_config
     def __init__(
         self,
         block_config: Sequence[int] = (12, 12, 12),
@@ -59,20 +61,9 @@ class DenseNet(nn.Module):
         if num_init_features is None:
             # The papers' convention: 16 maps, or 2k for the -BC variants.
             num_init_features = 2 * growth_rate if bottleneck_width and compression < 1 else 16
-        self.config: dict[str, Any] = {
-            "block_config": [int(n) for n in block_config],
-            "growth_rate": growth_rate,
-            "num_init_features": num_init_features,
-            "bottleneck_width": bottleneck_width,
-            "compression": compression,
-            "dropout": dropout,
-            "num_classes": num_classes,
-            "in_channels": in_channels,
-            "stem": stem,
-            "memory_efficient": memory_efficient,
-        }
         self.in_channels = in_channels
         self.num_classes = num_classes
+        self.num_init_features = num_init_features
 
         stem_layers: list[nn.Module]
         if stem == "cifar":
@@ -127,7 +118,7 @@ class DenseNet(nn.Module):
     def stages(self) -> list[tuple[str, str, int]]:
         """(module name, description, feature maps) per stage, in forward order."""
         kind = "3x3 conv" if self.config["stem"] == "cifar" else "7x7 conv stride 2, 3x3 max-pool"
-        rows = [("stem", kind, self.config["num_init_features"])]
+        rows = [("stem", kind, self.num_init_features)]
         for i, block in enumerate(self.blocks):
             rows.append(
                 (f"blocks.{i}", f"dense block, {len(block.layers)} layers", block.stack_channels)

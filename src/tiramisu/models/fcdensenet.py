@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .common import records_config
 from .layers import DenseBlock, Dropout, compute_dtype, he_uniform_, per_image_norm_active
 
 Upsampling = Literal["transposed", "bilinear"]
@@ -122,6 +123,7 @@ class FCDenseNet(nn.Module):
     1x1 classifier.
     """
 
+    @records_config
     def __init__(
         self,
         in_channels: int = 3,
@@ -147,18 +149,6 @@ class FCDenseNet(nn.Module):
             )
         if not down_blocks:
             raise ValueError("down_blocks must name at least one block")
-        self.config: dict[str, Any] = {
-            "in_channels": in_channels,
-            "num_classes": num_classes,
-            "growth_rate": growth_rate,
-            "down_blocks": list(down_blocks),
-            "bottleneck_layers": bottleneck_layers,
-            "up_blocks": list(up_blocks),
-            "first_conv_channels": first_conv_channels,
-            "dropout": dropout,
-            "upsampling": upsampling,
-            "memory_efficient": memory_efficient,
-        }
         self.in_channels = in_channels
         self.num_classes = num_classes
         block_kwargs = {"dropout": dropout, "conv_bias": True, "memory_efficient": memory_efficient}

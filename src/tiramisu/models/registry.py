@@ -42,6 +42,33 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
         raise ValueError(f"cannot build {name!r}: {e}") from None
 
 
+def build_model(name: str, kwargs: dict[str, Any] | None = None, **fixed: Any) -> nn.Module:
+    """The one way a run builds its model: a registered name, the config's ``model.kwargs``,
+    and what the data decides (``num_classes``, ``in_channels``) on top."""
+    return create_model(name, **{**(kwargs or {}), **fixed})
+
+
+def model_classes() -> dict[str, type[nn.Module]]:
+    """Architecture classes by class name (``config.json``'s ``architecture``)."""
+    return {cls.__name__: cls for cls, _, _ in _REGISTRY.values()}
+
+
+def build_architecture(architecture: str, model_config: dict[str, Any]) -> nn.Module:
+    """Rebuild a model from its class name and recorded constructor arguments."""
+    classes = model_classes()
+    if architecture not in classes:
+        raise ValueError(f"unknown architecture {architecture!r} (known: {', '.join(classes)})")
+    return classes[architecture](**model_config)
+
+
+def model_config(model: nn.Module) -> dict[str, Any]:
+    """The constructor arguments a model was built with (see ``records_config``)."""
+    config = getattr(model, "config", None)
+    if not isinstance(config, dict):
+        raise ValueError(f"{type(model).__name__} does not record its constructor arguments")
+    return dict(config)
+
+
 def _cifar_layers(depth: int, bottleneck: bool) -> int:
     # depth counts the first conv, two transitions and the classifier (4) plus one conv per
     # plain dense layer or two per bottleneck layer, spread over 3 blocks.

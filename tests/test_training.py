@@ -13,9 +13,9 @@ from tiramisu.checkpoint import atomic_save, load_checkpoint
 from tiramisu.cli import main
 from tiramisu.config import load_config
 from tiramisu.data import make_synthetic_dataset
-from tiramisu.engine import TrainingDiverged, evaluate_checkpoint, train
 from tiramisu.errors import CheckpointError
 from tiramisu.models import FCDenseNet, batch_statistics
+from tiramisu.training import TrainingDiverged, evaluate_checkpoint, train
 
 TINY = (
     "model.kwargs={growth_rate: 4, down_blocks: [1, 1], bottleneck_layers: 1, "
@@ -308,19 +308,16 @@ def test_demo_leaves_a_complete_run_folder(tmp_path):
 
 
 def test_amp_and_channels_last_auto_resolve_per_device():
-    from tiramisu.engine import autocast_context, resolve_amp, resolve_fast_paths
+    from tiramisu.hardware import autocast_context, resolve_amp, resolve_channels_last
 
     cpu = torch.device("cpu")
     native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
     assert resolve_amp(cpu, "auto") == ("bf16" if native else "none")
     assert resolve_amp(cpu, "none") == "none" and resolve_amp(cpu, "bf16") == "bf16"
-    cfg = {"amp": "auto", "channels_last": "auto"}
-    resolve_fast_paths(cfg, cpu)
-    expected = {"amp": "bf16", "channels_last": True} if native else {"amp": "none"}
-    assert cfg == {"channels_last": False, **expected}
-    cfg = {"amp": "bf16", "channels_last": False}  # explicit choices are kept
-    resolve_fast_paths(cfg, cpu)
-    assert cfg == {"amp": "bf16", "channels_last": False}
+    amp = resolve_amp(cpu, "auto")
+    assert resolve_channels_last("auto", amp) is native
+    assert resolve_channels_last(False, "bf16") is False  # explicit choices are kept
+    assert resolve_channels_last(True, "none") is True
     with autocast_context(cpu, "bf16"):
         assert torch.is_autocast_enabled("cpu")
         assert torch.get_autocast_dtype("cpu") == torch.bfloat16

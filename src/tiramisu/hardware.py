@@ -1,0 +1,67 @@
+"""Device and numeric precision, shared by training and inference.
+
+``auto`` everywhere means: CUDA when there is a GPU; bf16 autocast where the hardware computes
+bf16 natively (CPUs with AVX512-BF16/AMX, Ampere+ GPUs), fp16 on older GPUs, fp32 elsewhere;
+channels_last together with reduced precision (what oneDNN and tensor cores want). BENCHMARKS.md
+has the measurements behind these defaults.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .errors import TiramisuError
+
+AMP_MODES = ("none", "bf16", "fp16")
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; asking for CUDA without a GPU is an error."""
+    name = str(name)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TiramisuError("--device cuda was asked for but no CUDA GPU is available")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise TiramisuError(f"unknown device {name!r} (auto, cpu, cuda, cuda:1, ...)") from None
+
+
+def resolve_amp(device: torch.device, amp: Any) -> str:
+    """``auto`` -> what this device computes natively; ``None``/``False`` -> ``none``."""
+    if amp in (None, False):
+        return "none"
+    if amp != "auto":
+        if amp not in AMP_MODES:
+            raise TiramisuError(f"amp must be auto, none, bf16 or fp16, got {amp!r}")
+        return amp
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return "bf16"
+    return "none"
+
+
+def resolve_channels_last(channels_last: Any, amp: str) -> bool:
+    return amp != "none" if channels_last == "auto" else bool(channels_last)
+
+
+def autocast_context(device: torch.device, amp: Any) -> contextlib.AbstractContextManager:
+    amp = resolve_amp(device, amp)
+    if amp == "none":
+        return contextlib.nullcontext()
+    if amp == "fp16" and device.type != "cuda":
+        raise TiramisuError("amp=fp16 needs a CUDA GPU; use bf16 on CPU")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def to_device(x: Tensor, device: torch.device, channels_last: bool = False) -> Tensor:
+    x = x.to(device, non_blocking=True)
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
