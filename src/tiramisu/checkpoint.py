@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,23 +22,41 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def _describe_unreadable(path: Path) -> str | None:
+    """Say what a file is when it cannot be a PyTorch checkpoint, without unpickling it."""
+    size = path.stat().st_size
+    if size == 0:
+        return "an empty file (0 bytes), not a checkpoint: an interrupted copy or download?"
+    with path.open("rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive; very old versions wrote a bare pickle (protocol 2+).
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return None
+    if head.startswith(b"\x89PNG") or head[:2] == b"\xff\xd8":
+        return "an image, not a checkpoint"
+    return f"not a PyTorch checkpoint (unrecognised content, {size} bytes)"
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load with ``weights_only=True``: tensors and plain containers only, never code."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
+    problem = _describe_unreadable(path)
+    if problem is not None:
+        raise CheckpointError(f"{path}: {problem}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f" ({found.group(1)})" if found else ""
         raise CheckpointError(
-            f"{path}: refused to load: it holds objects other than tensors and plain data "
-            f"(a pickle that could run code): {first}"
+            f"{path}: refused: it contains Python objects{what} besides tensors and plain "
+            f"data; tiramisu never loads such files because unpickling them can run code"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(
-            f"{path}: not a readable checkpoint ({str(e).splitlines()[0]})"
-        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: a damaged or truncated checkpoint ({first})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a tiramisu training checkpoint")
     return ckpt

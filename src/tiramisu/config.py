@@ -363,7 +363,10 @@ class RunConfig:
                     raise TiramisuError(
                         f"{prefix}{name}.{f.name} must be {problem}, got {values[f.name]!r}"
                     )
-            sections[name] = section(**copy.deepcopy(values))
+            values = copy.deepcopy(values)
+            if _is_int(values.get("crop_size")):  # a single number means a square crop
+                values["crop_size"] = [values["crop_size"]] * 2
+            sections[name] = section(**values)
         task_problem = dataclasses.fields(cls)[0].metadata["check"](merged["task"])
         if task_problem:
             raise TiramisuError(f"{prefix}task must be {task_problem}, got {merged['task']!r}")
