@@ -267,3 +267,113 @@ def test_written_files_are_readable_by_others(tmp_path):
     path = atomic_write_text(tmp_path / "a.txt", "x")
     assert stat.S_IMODE(path.stat().st_mode) & 0o044 == 0o044
     assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]  # no temporary left behind
+
+
+# ------------------------------------------------------------------------ decompression bombs
+def bomb_png(path, width=30000, height=30000):
+    """A valid PNG header announcing width x height pixels, with almost no data behind it."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 64)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
+    return path
+
+
+def test_a_decompression_bomb_among_predict_inputs_is_skipped(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    weights = tiny_pretrained(tmp_path)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("a", "c"):
+        Image.fromarray(np.zeros((40, 48, 3), np.uint8)).save(inputs / f"{name}.png")
+    bomb_png(inputs / "b.png")
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(weights),
+                str(inputs),
+                "--out",
+                str(out),
+                "--quiet",
+                "--batch-size",
+                "4",
+            ]
+        )
+        == 1
+    )
+    assert sorted(p.name for p in out.glob("?.png")) == ["a.png", "c.png"]
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "b.png: 30000x30000 = 900 Mpixels is over the limit" in err
+    # A limit of our own, below Pillow's, is honoured too (and restored afterwards).
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(weights),
+                str(inputs / "a.png"),
+                "--out",
+                str(tmp_path / "o2"),
+                "--quiet",
+                "--max-pixels",
+                "1000",
+            ]
+        )
+        == 1
+    )
+    assert "a.png: 48x40 = 0 Mpixels is over the limit of 0 Mpixels" in capsys.readouterr().err
+    from tiramisu.imageio import max_pixels, set_max_pixels
+
+    set_max_pixels(None)
+    assert max_pixels() > 100_000_000
+
+
+def test_a_decompression_bomb_in_training_data_names_the_file(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for sub in ("images", "masks"):
+            (tmp_path / split / sub).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(
+                tmp_path / split / "images" / f"{i}.png"
+            )
+            Image.fromarray(np.zeros((40, 40), np.uint8)).save(
+                tmp_path / split / "masks" / f"{i}.png"
+            )
+    bomb_png(tmp_path / "train" / "images" / "1.png")
+    args = [
+        "train",
+        "--out",
+        str(tmp_path / "run"),
+        "--quiet",
+        "--set",
+        "data.dataset=folder",
+        "--set",
+        f"data.root={tmp_path}",
+        "--set",
+        "data.classes=[a, b]",
+        "--set",
+        "data.channels=3",
+        "--set",
+        TINY,
+        "--set",
+        "data.crop_size=[32, 32]",
+    ]
+    assert main(args) == 2
+    err = one_line_error(capsys)
+    assert "train/images/1.png: 30000x30000 = 900 Mpixels is over the limit" in err

@@ -131,8 +131,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .hardware import resolve_device
     from .inference import Segmenter, expand_inputs, predict_files
 
+    from .imageio import set_max_pixels
+
     if args.overlap is not None and args.tile is None:
         raise ValueError("--overlap needs --tile")
+    set_max_pixels(args.max_pixels)
     segmenter = Segmenter.load(
         args.checkpoint,
         device=resolve_device(args.device),
@@ -301,6 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlay", action="store_true", help="also write NAME_overlay.png")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
     p.add_argument("--probs", action="store_true", help="also write NAME_probs.npz")
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        help="skip images with more pixels (default: Pillow's decompression-bomb limit, "
+        "about 179 million)",
+    )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_predict)
 

@@ -248,6 +248,11 @@ class DataConfig:
     cache: bool = opt(True, "keep decoded images in memory", boolean())
     num_workers: int = opt(0, "DataLoader worker processes", integer(0, 256))
     validate: bool = opt(True, "check every image/mask pair before training", boolean())
+    max_pixels: int | None = opt(
+        None,
+        "refuse larger images (decompression bombs); null = Pillow's limit, about 179 M",
+        integer(1, None, True),
+    )
 
 
 _AMP = choice("auto", "none", "bf16", "fp16", None, False)

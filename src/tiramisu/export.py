@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from .errors import TiramisuError
+from .fileio import atomic_write_from
 from .models import batch_statistics
 
 
@@ -36,43 +36,42 @@ def export_onnx(
     except ImportError:
         raise TiramisuError("ONNX export needs onnx (pip install 'tiramisu[export]')") from None
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     model = model.cpu().eval()
     bn = batch_statistics(model) if config.get("bn_eval") == "batch" else contextlib.nullcontext()
     axes = {0: "batch", 2: "height", 3: "width"}
-    with bn, torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer warnings about shape checks in forward()
-        # The TorchScript-based exporter turns the centre crops' size arithmetic into graph
-        # ops, so height and width stay dynamic.
-        torch.onnx.export(
-            model,
-            (_example(config),),
-            str(tmp),
-            input_names=["image"],
-            output_names=["logits"],
-            opset_version=opset,
-            dynamo=False,
-            dynamic_axes={"image": axes, "logits": axes},
-        )
-    proto = onnx.load(str(tmp))
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = "tiramisu_config", json.dumps(config)
-    onnx.checker.check_model(proto)
-    onnx.save(proto, str(tmp))
-    os.replace(tmp, path)
-    return path
+
+    def write(tmp: str) -> None:
+        with bn, torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about shape checks in forward()
+            # The TorchScript-based exporter turns the centre crops' size arithmetic into
+            # graph ops, so height and width stay dynamic.
+            torch.onnx.export(
+                model,
+                (_example(config),),
+                tmp,
+                input_names=["image"],
+                output_names=["logits"],
+                opset_version=opset,
+                dynamo=False,
+                dynamic_axes={"image": axes, "logits": axes},
+            )
+        proto = onnx.load(tmp)
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = "tiramisu_config", json.dumps(config)
+        onnx.checker.check_model(proto)
+        onnx.save(proto, tmp)
+
+    return atomic_write_from(path, write)
 
 
 def export_torchscript(model: nn.Module, config: dict[str, Any], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     model = model.cpu().eval()
     bn = batch_statistics(model) if config.get("bn_eval") == "batch" else contextlib.nullcontext()
-    with bn, torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        traced = torch.jit.trace(model, _example(config), check_trace=False)
-        torch.jit.save(traced, str(tmp), _extra_files={"config.json": json.dumps(config)})
-    os.replace(tmp, path)
-    return path
+
+    def write(tmp: str) -> None:
+        with bn, torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(model, _example(config), check_trace=False)
+            torch.jit.save(traced, tmp, _extra_files={"config.json": json.dumps(config)})
+
+    return atomic_write_from(Path(path), write)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,12 +17,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor, nn
 
 from .data.segmentation import IMAGE_EXTENSIONS, image_to_tensor, pil_to_array
 from .errors import CheckpointError, DataError
+from .fileio import atomic_write
 from .hardware import autocast_context
+from .imageio import open_image
 from .models import batch_statistics
 
 ImageLike = str | Path | Image.Image | np.ndarray | Tensor
@@ -46,12 +47,7 @@ def overlay(image_rgb: np.ndarray, colored: np.ndarray, alpha: float = 0.5) -> n
 
 
 def load_image(path: str | Path) -> Image.Image:
-    try:
-        im = Image.open(path)
-        im.load()
-        return im
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-        raise DataError(f"{path}: cannot read image ({e})") from None
+    return open_image(path)
 
 
 def display_rgb(image: Image.Image) -> np.ndarray:
@@ -355,9 +351,8 @@ def expand_inputs(inputs: Iterable[str]) -> tuple[list[Path], list[str]]:
 
 
 def _atomic_image(array: np.ndarray, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    Image.fromarray(array).save(tmp)
-    os.replace(tmp, path)
+    fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
+    atomic_write(path, lambda f: Image.fromarray(array).save(f, format=fmt))
 
 
 def predict_files(
@@ -411,26 +406,33 @@ def predict_files(
                     overlay(display_rgb(image), colored, alpha), out_dir / f"{name}_overlay.png"
                 )
             if save_probs:
-                tmp = out_dir / f".{name}_probs.tmp.npz"
-                np.savez_compressed(
-                    tmp, probs=p.numpy().astype(np.float16), classes=np.array(segmenter.classes)
+                arrays = {
+                    "probs": p.numpy().astype(np.float16),
+                    "classes": np.array(segmenter.classes),
+                }
+                atomic_write(
+                    out_dir / f"{name}_probs.npz", lambda f, a=arrays: np.savez_compressed(f, **a)
                 )
-                os.replace(tmp, out_dir / f"{name}_probs.npz")
             done += 1
+            bar.update(1)  # counts written images, so the bar tracks the real work
         batch.clear()
 
-    bar = tqdm(paths, desc="segment", unit="img", disable=not progress, dynamic_ncols=True)
-    for path in bar:
+    bar = tqdm(
+        total=len(paths), desc="segment", unit="img", disable=not progress, dynamic_ncols=True
+    )
+    for path in paths:
         try:
             image = load_image(path)
             x = segmenter.preprocess(image)
         except (DataError, ValueError, OSError) as e:
             problems.append(str(e))
+            bar.update(1)
             continue
         if batch and (batch[0][2].shape != x.shape or len(batch) >= batch_size):
             flush()
         batch.append((path, image, x, unique_name(path)))
     flush()
+    bar.close()
     return done, problems
 
 

@@ -13,11 +13,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from ..errors import DataError
+from ..imageio import open_image
 from .builders import as_dict
 from .segmentation import IMAGE_EXTENSIONS, LabelSpec, default_colors
 from .transforms import normalization
@@ -54,11 +54,8 @@ class ClassificationDataset(Dataset):
         if index in self._cache:
             return self._cache[index]
         path = self.images[index]
-        try:
-            with Image.open(path) as im:
-                arr = np.asarray(im.convert({1: "L", 3: "RGB", 4: "RGBA"}[self.channels]))
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-            raise DataError(f"{path}: cannot read image ({e})") from None
+        with open_image(path) as im:
+            arr = np.asarray(im.convert({1: "L", 3: "RGB", 4: "RGBA"}[self.channels]))
         if arr.ndim == 2:
             arr = arr[..., None]
         if self.cache:
@@ -76,11 +73,7 @@ class ClassificationDataset(Dataset):
         if isinstance(self.images, np.ndarray):
             return
         for path in self.images:
-            try:
-                with Image.open(path) as im:
-                    im.verify()
-            except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-                raise DataError(f"{path}: cannot read image ({e})") from None
+            open_image(path, header_only=True)
 
 
 def scan_class_folders(folder: Path) -> tuple[list[str], list[Path], list[int]]:
@@ -184,8 +177,7 @@ def _channels(data: dict[str, Any], images: Any) -> int:
         return int(data["channels"])
     if isinstance(images, np.ndarray):
         return images.shape[-1]
-    with Image.open(images[0]) as im:
-        return {"L": 1, "RGBA": 4}.get(im.mode, 3)
+    return {"L": 1, "RGBA": 4}.get(open_image(images[0], header_only=True).mode, 3)
 
 
 def build_classification_data(cfg: Any) -> dict[str, Any]:

@@ -16,10 +16,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import DataError
+from ..imageio import open_image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
 
@@ -175,12 +176,8 @@ def pil_to_array(im: Image.Image, channels: int, name: str | Path = "image") -> 
 
 def read_image(path: Path, channels: int) -> np.ndarray:
     """H x W x C uint8 (or uint16 for 16-bit greyscale); see ``image_to_tensor`` for scaling."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return pil_to_array(im, channels, path)
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-        raise DataError(f"{path}: cannot read image ({e})") from None
+    with open_image(path) as im:
+        return pil_to_array(im, channels, path)
 
 
 def image_to_tensor(arr: np.ndarray) -> torch.Tensor:
@@ -191,19 +188,15 @@ def image_to_tensor(arr: np.ndarray) -> torch.Tensor:
 
 def read_mask(path: Path, labels: LabelSpec) -> np.ndarray:
     """H x W int64 class indices (``labels.ignore_index`` for void)."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if labels.palette is not None:
-                return _decode_colors(path, np.asarray(im.convert("RGB")), labels)
-            if im.mode in ("RGB", "RGBA"):
-                raise DataError(
-                    f"{path}: colour-coded mask but no palette was given "
-                    f"(set data.palette to a JSON/YAML name -> [r, g, b] file)"
-                )
-            arr = np.asarray(im).astype(np.int64)
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-        raise DataError(f"{path}: cannot read mask ({e})") from None
+    with open_image(path, "mask") as im:
+        if labels.palette is not None:
+            return _decode_colors(path, np.asarray(im.convert("RGB")), labels)
+        if im.mode in ("RGB", "RGBA"):
+            raise DataError(
+                f"{path}: colour-coded mask but no palette was given "
+                f"(set data.palette to a JSON/YAML name -> [r, g, b] file)"
+            )
+        arr = np.asarray(im).astype(np.int64)
     if arr.ndim != 2:
         raise DataError(f"{path}: mask must be single-channel, got shape {arr.shape}")
     if labels.label_map:
@@ -305,12 +298,7 @@ class SegmentationDataset(Dataset):
             if self.cache:
                 mask = self.load(i)[1]  # decodes both and checks that the sizes match
             else:
-                try:
-                    with Image.open(image_path) as im:
-                        size = im.size
-                        im.verify()
-                except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-                    raise DataError(f"{image_path}: cannot read image ({e})") from None
+                size = open_image(image_path, header_only=True).size
                 mask = read_mask(mask_path, self.labels)
                 if (mask.shape[1], mask.shape[0]) != size:
                     raise DataError(
@@ -347,11 +335,7 @@ def median_frequency_weights(dataset: SegmentationDataset) -> torch.Tensor:
 
 
 def infer_channels(path: Path) -> int:
-    try:
-        with Image.open(path) as im:
-            mode = im.mode
-    except (OSError, UnidentifiedImageError) as e:
-        raise DataError(f"{path}: cannot read image ({e})") from None
+    mode = open_image(path, header_only=True).mode
     if mode in ("RGBA", "LA", "PA"):
         return 4
     if mode in ("L", "1", "I;16", "I;16B", "I;16L", "I", "F"):

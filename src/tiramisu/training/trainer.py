@@ -20,6 +20,7 @@ from ..config import RunConfig, TrainConfig
 from ..data.builders import build_run_data, make_loader, with_crop
 from ..errors import TiramisuError
 from ..hardware import resolve_amp, resolve_channels_last
+from ..imageio import set_max_pixels
 from ..models import build_model
 from .loop import EpochStats, evaluate, train_one_epoch
 from .optim import build_criterion, build_optimizer, build_scheduler, class_weights, lr_factor
@@ -140,6 +141,7 @@ class Trainer:
         return dataclasses.replace(config, train=train)
 
     def _build(self) -> None:
+        set_max_pixels(self.config.data.max_pixels)
         cfg = self.config.to_dict()
         self.data = data = build_run_data(cfg)
         if self.config.data.validate:
