@@ -129,9 +129,8 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from .hardware import resolve_device
-    from .inference import Segmenter, expand_inputs, predict_files
-
     from .imageio import set_max_pixels
+    from .inference import Segmenter, expand_inputs, predict_files
 
     if args.overlap is not None and args.tile is None:
         raise ValueError("--overlap needs --tile")
