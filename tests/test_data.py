@@ -31,6 +31,8 @@ def write_pair(root, split, name, image, mask, image_ext="png"):
 
 def folder_cfg(root, **data):
     cfg = load_config(None, [f"data.root={root}", "data.dataset=folder"]).to_dict()
+    # These tests read the training split; validate on the same files.
+    cfg["data"].update(val_images="train/images", val_masks="train/masks")
     cfg["data"].update(data)
     return cfg
 

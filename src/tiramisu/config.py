@@ -191,14 +191,31 @@ class DataConfig:
         choice("camvid", "folder", "synthetic", "cifar10", "imagefolder"),
     )
     root: str | None = opt(None, "dataset folder (--data-root)", text(optional=True))
-    train_images: str = opt("train/images", "folder datasets: training images (under root)", text())
-    train_masks: str = opt("train/masks", "folder datasets: training masks", text())
-    val_images: str = opt("val/images", "folder datasets: validation images", text())
-    val_masks: str = opt("val/masks", "folder datasets: validation masks", text())
+    train_images: str | None = opt(
+        "train/images", "folder datasets: training images (under root)", text(True)
+    )
+    train_masks: str | None = opt("train/masks", "folder datasets: training masks", text(True))
+    val_images: str | None = opt("val/images", "folder datasets: validation images", text(True))
+    val_masks: str | None = opt("val/masks", "folder datasets: validation masks", text(True))
     test_images: str | None = opt(
         None, "folder datasets: test images (evaluate --split test)", text(True)
     )
     test_masks: str | None = opt(None, "folder datasets: test masks", text(True))
+    image_suffix: str = opt("", "stripped from image names before pairing (e.g. _training)", text())
+    mask_suffix: str = opt("", "stripped from mask names before pairing (e.g. _manual1)", text())
+    train_list: str | None = opt(
+        None,
+        "CSV/TXT of image,mask[,region] lines (relative to root); replaces the folders",
+        text(True),
+    )
+    val_list: str | None = opt(None, "validation pair list (as train_list)", text(True))
+    test_list: str | None = opt(None, "test pair list (as train_list)", text(True))
+    train_regions: str | None = opt(
+        None, "folder of valid-region masks (0 = outside: ignored in loss and metrics)", text(True)
+    )
+    val_regions: str | None = opt(None, "valid-region masks of the validation images", text(True))
+    test_regions: str | None = opt(None, "valid-region masks of the test images", text(True))
+    region_suffix: str = opt("", "stripped from region-mask names before pairing", text())
     classes: list | None = opt(
         None, "class names for index masks (default class_0, ...)", string_list()
     )
@@ -240,8 +257,12 @@ class DataConfig:
         None, "per-channel std for normalize: mean_std", number_list(None, True, True)
     )
     val_fraction: float = opt(
-        0.1, "classification folders without val/: held-out fraction", number(0, 0.9)
+        0.1,
+        "without a validation split (no val/images folder, val_images: null): the held-out "
+        "fraction of the training data",
+        number(0, 0.9),
     )
+    split_seed: int = opt(0, "seed of that hold-out (the same files every run)", integer(0))
     download: bool = opt(
         False, "cifar10: download cifar-10-batches-py into root if missing", boolean()
     )
@@ -292,9 +313,18 @@ class TrainConfig:
     )
     class_weights: Any = opt(
         None,
-        "null (paper) | median_frequency | [w0, w1, ...]",
-        any_of(choice(None, "median_frequency"), number_list(None, False, True)),
+        "null (paper) | median_frequency | sqrt_median_frequency (gentler) | [w0, w1, ...]",
+        any_of(
+            choice(None, "median_frequency", "sqrt_median_frequency"),
+            number_list(None, False, True),
+        ),
     )
+    loss: str = opt(
+        "cross_entropy",
+        "cross_entropy (paper) | dice | dice_ce (recommended for rare foregrounds) | focal",
+        choice("cross_entropy", "dice", "dice_ce", "focal"),
+    )
+    focal_gamma: float = opt(2.0, "focal loss focusing parameter", number(0, 10))
     amp: Any = opt("auto", "auto (bf16 where native) | none | bf16 | fp16 (CUDA)", _AMP)
     channels_last: Any = opt(
         "auto", "auto (on with amp) | true | false", choice("auto", True, False)

@@ -63,7 +63,9 @@ def metrics_from_confusion(matrix: Tensor) -> dict[str, Any]:
         support > 0, tp / support.clamp(min=1), torch.full_like(tp, float("nan"))
     )
     total = m.sum()
+    extra = {"foreground": binary_metrics(m)} if m.shape[0] == 2 else {}
     return {
+        **extra,
         "miou": _nanmean(iou),
         "global_accuracy": (tp.sum() / total).item() if total > 0 else float("nan"),
         "mean_class_accuracy": _nanmean(class_acc),
@@ -71,6 +73,22 @@ def metrics_from_confusion(matrix: Tensor) -> dict[str, Any]:
         "class_accuracy": class_acc.tolist(),
         "support": support.to(torch.int64).tolist(),
         "confusion_matrix": matrix.cpu().tolist(),
+    }
+
+
+def binary_metrics(matrix: Tensor) -> dict[str, float]:
+    """Foreground (class 1) IoU, Dice (F1), precision and recall from a 2x2 confusion matrix."""
+    m = matrix.to(torch.float64)
+    tp, fn, fp = m[1, 1].item(), m[1, 0].item(), m[0, 1].item()
+
+    def ratio(a: float, b: float) -> float:
+        return a / b if b > 0 else float("nan")
+
+    return {
+        "iou": ratio(tp, tp + fp + fn),
+        "dice": ratio(2 * tp, 2 * tp + fp + fn),
+        "precision": ratio(tp, tp + fp),
+        "recall": ratio(tp, tp + fn),
     }
 
 
@@ -129,6 +147,13 @@ def format_report(
         + (f"{paper['global_accuracy']:8.1f}" if paper else "")
     )
     lines.append(f"{'mean class acc':<14}{pct(metrics['mean_class_accuracy'])}")
+    fg = metrics.get("foreground")
+    if fg:
+        lines.append(
+            f"foreground ({classes[1]}): IoU {pct(fg['iou']).strip()}  Dice "
+            f"{pct(fg['dice']).strip()}  precision {pct(fg['precision']).strip()}  recall "
+            f"{pct(fg['recall']).strip()} %"
+        )
     return "\n".join(lines)
 
 

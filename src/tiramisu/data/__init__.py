@@ -9,18 +9,17 @@ from torch.utils.data import Dataset
 
 from ..errors import DataError
 from .builders import as_dict
+from .pairing import split_files
 from .segmentation import (
     CAMVID_CLASSES,
     CAMVID_COLORS,
     LabelSpec,
     SegmentationDataset,
     camvid_labels,
-    camvid_pairs,
     default_colors,
     infer_channels,
     load_palette,
     median_frequency_weights,
-    pair_by_stem,
 )
 from .synthetic import SYNTHETIC_CLASSES, SYNTHETIC_COLORS, make_synthetic_dataset
 from .transforms import JointTransform, normalization
@@ -71,25 +70,30 @@ def label_spec(data: dict[str, Any]) -> LabelSpec:
         spec = LabelSpec(classes, colors, ignore)
     if data["label_map"]:
         spec.label_map = {int(k): int(v) for k, v in dict(data["label_map"]).items()}
-    elif spec.palette is None and spec.num_classes == 2 and ignore != 1:
-        # Binary masks are usually stored as 0/255; read 255 as the foreground class.
-        spec.label_map = {255: 1}
+    elif spec.palette is None and spec.num_classes == 2:
+        # Binary masks are usually stored as 0/255; read 255 as the foreground class. If the
+        # user also named 255 as the ignore value, the two readings conflict: say so.
+        if data["ignore_index"] == 255:
+            raise DataError(
+                "data.ignore_index is 255, but with 2 classes 0/255 masks are read as "
+                "background/foreground (255 -> class 1): remove ignore_index (or use another "
+                "value such as 254), or give data.label_map to say what each mask value means"
+            )
+        if ignore != 1:
+            spec.label_map = {255: 1}
     return spec
 
 
 def split_pairs(data: dict[str, Any], split: str) -> list:
-    root = data["root"]
-    if data["dataset"] == "camvid":
-        if root is None:
-            raise DataError("data.root (or --data-root) must point at the CamVid folder")
-        return camvid_pairs(root, split)
-    images, masks = data.get(f"{split}_images"), data.get(f"{split}_masks")
-    if images is None or masks is None:
-        raise DataError(f"no {split} split configured (data.{split}_images / data.{split}_masks)")
-    return pair_by_stem(_resolve(root, images), _resolve(root, masks))
+    return split_files(data, split).pairs
 
 
 def resolve_channels(data: dict[str, Any]) -> int:
+    """``data.channels``, or for ``auto`` the most channels among a sample of training images.
+
+    One greyscale file sorted first must not turn a colour set into 1-channel training, so
+    up to 16 files spread over the set are looked at, and a mix is reported.
+    """
     channels = data["channels"]
     if channels != "auto":
         if int(channels) not in (1, 3, 4):
@@ -97,8 +101,18 @@ def resolve_channels(data: dict[str, Any]) -> int:
         return int(channels)
     if data["dataset"] in ("camvid", "synthetic"):
         return 3
-    first = split_pairs(data, "train")[0][0]
-    return infer_channels(first)
+    pairs = split_files(data, "train").pairs
+    step = max(1, len(pairs) // 16)
+    seen = {p[0]: infer_channels(p[0]) for p in pairs[::step][:16]}
+    counts = sorted(set(seen.values()))
+    if len(counts) > 1:
+        example = next(p for p, c in seen.items() if c == counts[0])
+        print(
+            f"tiramisu: warning: training images mix {', '.join(map(str, counts))} channels "
+            f"(e.g. {example.name} has {counts[0]}); using {counts[-1]}. Set data.channels "
+            f"to choose."
+        )
+    return counts[-1]
 
 
 def build_dataset(
@@ -124,6 +138,9 @@ def build_dataset(
         )
     else:
         transform = JointTransform(mean=mean, std=std)
-    return SegmentationDataset(
-        split_pairs(data, split), labels, channels, transform, cache=bool(data["cache"])
+    files = split_files(data, split)
+    dataset = SegmentationDataset(
+        files.pairs, labels, channels, transform, cache=bool(data["cache"]), regions=files.regions
     )
+    dataset.note = files.note
+    return dataset

@@ -226,6 +226,21 @@ def _decode_colors(path: Path, rgb: np.ndarray, labels: LabelSpec) -> np.ndarray
     return values[pos]
 
 
+def apply_region(mask: np.ndarray, region_path: Path, ignore_index: int) -> np.ndarray:
+    """Pixels outside the valid region (value 0 in the region mask) become ``ignore_index``,
+    so they count in neither the loss nor the metrics."""
+    with open_image(region_path, "region mask") as im:
+        region = np.asarray(im.convert("L"))
+    if region.shape != mask.shape:
+        raise DataError(
+            f"{region_path}: region mask is {region.shape[1]}x{region.shape[0]} but the mask "
+            f"is {mask.shape[1]}x{mask.shape[0]}"
+        )
+    out = mask.copy()
+    out[region == 0] = ignore_index
+    return out
+
+
 def check_labels(path: Path, mask: np.ndarray, labels: LabelSpec) -> None:
     bad = (mask != labels.ignore_index) & ((mask < 0) | (mask >= labels.num_classes))
     if bad.any():
@@ -252,12 +267,15 @@ class SegmentationDataset(Dataset):
         transform: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
         | None = None,
         cache: bool = False,
+        regions: Sequence[Path] | None = None,
     ) -> None:
         self.pairs = list(pairs)
         self.labels = labels
         self.channels = channels
         self.transform = transform
         self.cache = cache
+        self.regions = list(regions) if regions is not None else None
+        self.note = ""  # how the split was made (a seeded hold-out), for the run's log
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def __len__(self) -> int:
@@ -274,6 +292,8 @@ class SegmentationDataset(Dataset):
                 f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but "
                 f"{image_path.name} is {image.shape[1]}x{image.shape[0]}"
             )
+        if self.regions is not None:
+            mask = apply_region(mask, self.regions[index], self.labels.ignore_index)
         if self.cache:
             # Small integer types keep CamVid's training set around 250 MB in memory.
             if mask.min() >= 0 and mask.max() < 256:

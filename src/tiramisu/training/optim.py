@@ -49,16 +49,25 @@ def class_weights(
     cw = tcfg.class_weights
     if cw is None:
         return None
-    if cw == "median_frequency":
+    if cw in ("median_frequency", "sqrt_median_frequency"):
         from ..data import median_frequency_weights
 
-        return median_frequency_weights(train_ds).to(device)
+        weights = median_frequency_weights(train_ds)
+        if cw == "sqrt_median_frequency":
+            # Square roots compress a rare class's 20-50x weight to 4-7x, and renormalising to
+            # mean 1 over the classes present keeps the effective learning rate unchanged.
+            weights = weights.sqrt()
+            present = weights > 0
+            weights = weights / weights[present].mean()
+        return weights.to(device)
     if len(cw) != num_classes:
         raise TiramisuError(f"train.class_weights has {len(cw)} values for {num_classes} classes")
     return torch.tensor([float(w) for w in cw], device=device)
 
 
-def build_criterion(weights: torch.Tensor | None, ignore_index: int | None) -> nn.Module:
-    return nn.CrossEntropyLoss(
-        weight=weights, ignore_index=-100 if ignore_index is None else ignore_index
-    )
+def build_criterion(
+    tcfg: TrainConfig, weights: torch.Tensor | None, ignore_index: int | None
+) -> nn.Module:
+    from ..losses import build_loss
+
+    return build_loss(tcfg.loss, ignore_index, weights, tcfg.focal_gamma)

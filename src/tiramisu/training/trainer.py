@@ -149,6 +149,10 @@ class Trainer:
                 check = getattr(data[split], "validate", None)
                 if check is not None:
                     check()
+        for split in ("train", "val"):
+            if getattr(data[split], "note", ""):
+                self.log(f"data ({split}): {data[split].note}")
+                break
         labels, tcfg = data["labels"], self.config.train
         model = build_model(
             self.config.model.name,
@@ -168,7 +172,9 @@ class Trainer:
         weights = class_weights(tcfg, data["train"], labels.num_classes, self.rt.device)
         if weights is not None:
             self.log("class weights:", [round(w, 3) for w in weights.tolist()])
-        self.criterion = build_criterion(weights, labels.ignore_index)
+        if self.config.task == "classification" and tcfg.loss != "cross_entropy":
+            raise TiramisuError(f"train.loss={tcfg.loss} is for segmentation; use cross_entropy")
+        self.criterion = build_criterion(tcfg, weights, labels.ignore_index).to(self.rt.device)
 
     def _check_crop(self, model: nn.Module) -> None:
         min_size = getattr(model, "min_size", None)
