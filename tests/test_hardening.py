@@ -377,3 +377,10 @@ def test_a_decompression_bomb_in_training_data_names_the_file(tmp_path, capsys):
     assert main(args) == 2
     err = one_line_error(capsys)
     assert "train/images/1.png: 30000x30000 = 900 Mpixels is over the limit" in err
+
+
+def test_config_reference_document_is_in_sync():
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[1] / "docs" / "CONFIG.md").read_text()
+    assert reference_table() in doc, "regenerate docs/CONFIG.md with tiramisu config --reference"

@@ -68,6 +68,19 @@ def cmd_list_pretrained(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    from .config import defaults_dict, load_config, reference_table
+
+    if args.reference:
+        print(reference_table())
+        return 0
+    import yaml
+
+    cfg = load_config(args.config).to_dict() if args.config else defaults_dict()
+    print(yaml.safe_dump(cfg, sort_keys=False), end="")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .training import train
@@ -237,6 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="table (default), json, or Graphviz dot (pipe into 'dot -Tsvg')",
     )
     p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser(
+        "config", help="print the full resolved config, or the reference of every key"
+    )
+    p.add_argument("--config", help="YAML config to resolve (default: the built-in defaults)")
+    p.add_argument("--reference", action="store_true", help="markdown table of every key")
+    p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("train", help="train a model from a YAML config")
     p.add_argument("--config", help="YAML config (see configs/); defaults fill the rest")

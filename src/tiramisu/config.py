@@ -517,12 +517,17 @@ def set_key(cfg: dict[str, Any], item: str) -> None:
 
 def reference_table() -> str:
     """Markdown table of every config key, its default and its meaning (from the fields)."""
+
+    def cell(doc: str) -> str:
+        return doc.replace("|", "\\|")  # a literal pipe would end the table cell
+
     rows = ["| key | default | meaning |", "|---|---|---|"]
-    rows.append(f"| `task` | `segmentation` | {dataclasses.fields(RunConfig)[0].metadata['doc']} |")
+    task_doc = cell(dataclasses.fields(RunConfig)[0].metadata["doc"])
+    rows.append(f"| `task` | `segmentation` | {task_doc} |")
     defaults = defaults_dict()
     for name, section in SECTIONS.items():
         for f in dataclasses.fields(section):
             value = yaml.safe_dump(defaults[name][f.name], default_flow_style=True).strip()
             value = value.removesuffix("\n...").removesuffix("...").strip()
-            rows.append(f"| `{name}.{f.name}` | `{value}` | {f.metadata['doc']} |")
+            rows.append(f"| `{name}.{f.name}` | `{value}` | {cell(f.metadata['doc'])} |")
     return "\n".join(rows)

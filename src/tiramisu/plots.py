@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display on servers; must precede pyplot
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from .fileio import atomic_write_from
 
@@ -38,6 +39,7 @@ def plot_history(
         ]
 
     def stage_lines(ax: Any) -> None:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         for i in range(1, len(history)):
             if history[i]["stage"] != history[i - 1]["stage"]:
                 ax.axvline(i + 0.5, color="grey", ls=":", lw=1)
