@@ -1,0 +1,138 @@
+"""Reproduction report for a CamVid training run, and publishing its weights.
+
+    python benchmarks/camvid_report.py weights/camvid_fcdensenet56 \\
+        --name fcdensenet56-camvid --publish --command "..."
+
+writes ``results/camvid/<model>.md`` (learning curves, best epoch, val mIoU / global accuracy /
+per-class IoU beside the paper's Table 3, wall time, hardware, the command), copies the curves
+next to it, and with ``--publish`` exports ``best.pt`` as the fp16 set ``--name`` inside the
+package (``tiramisu.from_pretrained(name)``), recording its metrics in the pretrained index.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+from pathlib import Path
+
+import torch
+
+from tiramisu import zoo
+from tiramisu.checkpoint import load_checkpoint
+from tiramisu.data import CAMVID_CLASSES
+from tiramisu.metrics import PAPER_CAMVID, format_report
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def hardware(config: dict) -> str:
+    amp, cl = config["train"]["amp"], config["train"]["channels_last"]
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name()
+    else:
+        device = f"{cpu_name()}, {os.cpu_count()} cores"
+    return f"{device}; torch {torch.__version__}; amp {amp}, channels_last {cl}"
+
+
+def report(run: Path, out: Path, command: str, status: str) -> dict:
+    ckpt = load_checkpoint(run / "best.pt")
+    last = load_checkpoint(run / "last.pt")
+    config, history = last["config"], last["history"]
+    metrics = ckpt["val_metrics"]
+    name = config["model"]["name"]
+    wall = sum(r.get("train_time_s", 0) + r.get("val_time_s", 0) for r in history)
+    figures = out / name
+    figures.mkdir(parents=True, exist_ok=True)
+    for png in ("loss.png", "miou.png", "accuracy.png"):
+        if (run / png).exists():
+            shutil.copyfile(run / png, figures / png)
+    table = format_report(metrics, list(CAMVID_CLASSES), PAPER_CAMVID.get(name))
+    best = ckpt["best"]
+    lines = [
+        f"# {name} on CamVid",
+        "",
+        f"Status: {status}",
+        "",
+        f"- best epoch: {best['epoch']} ({best['stage']} stage) of {len(history)} run so far "
+        f"(last: {last['stage']} epoch {last['epoch']})",
+        f"- val mIoU {100 * metrics['miou']:.2f} %, global accuracy "
+        f"{100 * metrics['global_accuracy']:.2f} %, mean class accuracy "
+        f"{100 * metrics['mean_class_accuracy']:.2f} %",
+        f"- training wall time so far: {wall / 3600:.2f} h (train + validation, summed over "
+        f"epochs)",
+        f"- hardware: {hardware(config)}",
+        f"- recipe: configs/{Path(command.split('--config ')[-1].split()[0]).name}"
+        if "--config " in command
+        else "- recipe: see config.yaml",
+        "",
+        "Reproduce (or continue) it with:",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+        "Per-class IoU on the 101 validation frames beside the paper's Table 3 (test set):",
+        "",
+        "```",
+        table,
+        "```",
+        "",
+        f"![loss]({name}/loss.png) ![val mIoU]({name}/miou.png)",
+        "",
+    ]
+    (out / f"{name}.md").write_text("\n".join(lines))
+    return {
+        "model": name,
+        "val_miou": metrics["miou"],
+        "val_global_accuracy": metrics["global_accuracy"],
+        "best_epoch": best["epoch"],
+        "best_stage": best["stage"],
+        "epochs_run": len(history),
+        "wall_hours": wall / 3600,
+        "hardware": hardware(config),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path, help="run folder with best.pt and last.pt")
+    parser.add_argument("--out", type=Path, default=Path("results/camvid"))
+    parser.add_argument("--name", help="pretrained set name, e.g. fcdensenet56-camvid")
+    parser.add_argument("--publish", action="store_true", help="export best.pt as the named set")
+    parser.add_argument("--command", required=True, help="the command that trains/continues it")
+    parser.add_argument("--status", default="", help="a sentence on how far the run is")
+    args = parser.parse_args()
+    summary = report(args.run, args.out, args.command, args.status)
+    (args.out / f"{summary['model']}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if args.publish:
+        index = zoo.load_index()
+        old = index.get(args.name)
+        entry = zoo.publish(
+            args.run / "best.pt",
+            args.name,
+            dataset=old.dataset if old else "CamVid",
+            recipe=args.command,
+            hub_repo=old.hub_repo if old else None,
+            notes=args.status,
+            metrics={
+                k: summary[k]
+                for k in ("val_miou", "val_global_accuracy", "best_epoch", "epochs_run")
+            },
+        )
+        print(f"published {entry.name}: {entry.sha256}")
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
