@@ -206,6 +206,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_app(args: argparse.Namespace) -> int:
+    from .app import launch
+
+    launch(args.checkpoint, host=args.host, port=args.port, device=args.device, amp=args.amp)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -346,6 +353,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--opset", type=int, default=17)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "app", help="try a model in the browser (needs: pip install 'tiramisu[app]')"
+    )
+    p.add_argument(
+        "--checkpoint", required=True, help="training checkpoint, weights folder, set name or .onnx"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"])
+    p.set_defaults(func=cmd_app)
 
     p = sub.add_parser("download", help="download a dataset (needs internet)")
     p.add_argument("dataset", choices=["camvid"])
