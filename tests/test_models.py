@@ -455,3 +455,27 @@ def test_reusing_the_output_gradient_never_corrupts_a_shared_gradient():
     x2 = x.detach().clone().requires_grad_()
     naive(x2).sum().backward()
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_per_image_norm_is_a_switch_on_our_batchnorm():
+    from tiramisu.models import batch_statistics
+    from tiramisu.models.norm import BatchNorm2d
+
+    torch.manual_seed(0)
+    ours = BatchNorm2d(4).eval()
+    foreign = torch.nn.BatchNorm2d(4).eval()  # e.g. after convert_sync_batchnorm
+    foreign.load_state_dict(ours.state_dict())  # the same parameters and buffers
+    with torch.no_grad():
+        ours.running_mean.fill_(5.0)
+        foreign.running_mean.fill_(5.0)
+    model = torch.nn.Sequential(ours, foreign)
+    x = torch.randn(2, 4, 6, 7) * 3 + 1
+    expected = torch.nn.functional.instance_norm(x, eps=ours.eps)
+    with batch_statistics(model):
+        assert ours.per_image and "forward" in foreign.__dict__
+        torch.testing.assert_close(ours(x), expected)
+        torch.testing.assert_close(foreign(x), expected)
+        torch.testing.assert_close(ours(x[:1]), expected[:1])  # independent of the batch
+    assert not ours.per_image and "forward" not in foreign.__dict__
+    assert not torch.allclose(ours(x), expected)  # running statistics again
+    assert torch.equal(ours.running_mean, torch.full((4,), 5.0))

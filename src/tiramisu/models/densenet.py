@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from .common import records_config
 from .layers import DenseBlock, Dropout
+from .norm import BatchNorm2d
 
 Stem = Literal["cifar", "imagenet"]
 
@@ -19,7 +20,7 @@ class Transition(nn.Sequential):
 
     def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0) -> None:
         layers: list[nn.Module] = [
-            nn.BatchNorm2d(in_channels),
+            BatchNorm2d(in_channels),
             nn.ReLU(inplace=True),
             nn.Conv2d(in_channels, out_channels, 1, bias=False),
         ]
@@ -71,7 +72,7 @@ class DenseNet(nn.Module):
         else:
             stem_layers = [
                 nn.Conv2d(in_channels, num_init_features, 7, stride=2, padding=3, bias=False),
-                nn.BatchNorm2d(num_init_features),
+                BatchNorm2d(num_init_features),
                 nn.ReLU(inplace=True),
                 nn.MaxPool2d(3, stride=2, padding=1),
             ]
@@ -98,7 +99,7 @@ class DenseNet(nn.Module):
                 self.transitions.append(Transition(channels, out, dropout))
                 channels = out
         self.head = nn.Sequential(
-            nn.BatchNorm2d(channels),
+            BatchNorm2d(channels),
             nn.ReLU(inplace=True),
             nn.AdaptiveAvgPool2d(1),
             nn.Flatten(1),

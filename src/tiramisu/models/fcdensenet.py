@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from .common import records_config
 from .layers import DenseBlock, Dropout, compute_dtype, he_uniform_, per_image_norm_active
+from .norm import BatchNorm2d
 
 Upsampling = Literal["transposed", "bilinear"]
 
@@ -24,7 +25,7 @@ class TransitionDown(nn.Sequential):
 
     def __init__(self, channels: int, dropout: float = 0.2, memory_efficient: bool = False) -> None:
         super().__init__(
-            nn.BatchNorm2d(channels),
+            BatchNorm2d(channels),
             nn.ReLU(inplace=True),
             nn.Conv2d(channels, channels, 1, bias=True),
             Dropout(dropout),

@@ -8,15 +8,16 @@ parameters here: the 1x1 bottleneck (DenseNet-B), whether convolutions carry a b
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .norm import BatchNorm2d, per_image_norm
 
 # What rebuilds a dropout mask: the mask itself, or (seed, shape, channels_last, p).
 MaskToken = Tensor | tuple[int, tuple[int, ...], bool, float]
@@ -98,12 +99,12 @@ class DenseLayer(nn.Module):
         self.growth_rate = growth_rate
         self.dropout = dropout
         self.memory_efficient = memory_efficient
-        self.norm1 = nn.BatchNorm2d(in_channels)
+        self.norm1 = BatchNorm2d(in_channels)
         self.relu1 = nn.ReLU(inplace=True)
         if bottleneck_width is not None:
             inner = bottleneck_width * growth_rate
             self.conv1: nn.Conv2d | None = nn.Conv2d(in_channels, inner, 1, bias=conv_bias)
-            self.norm2: nn.BatchNorm2d | None = nn.BatchNorm2d(inner)
+            self.norm2: BatchNorm2d | None = BatchNorm2d(inner)
             self.relu2: nn.ReLU | None = nn.ReLU(inplace=True)
         else:
             inner = in_channels
@@ -129,8 +130,8 @@ class DenseLayer(nn.Module):
 
 
 def per_image_norm_active(bn: nn.Module) -> bool:
-    """True inside ``batch_statistics``: the per-image norm replaces this BatchNorm's forward."""
-    return "forward" in bn.__dict__
+    """True inside ``batch_statistics``: the norm uses each image's own statistics."""
+    return bool(getattr(bn, "per_image", False)) or "forward" in bn.__dict__
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -249,28 +250,26 @@ def he_uniform_(model: nn.Module) -> None:
 
 @contextmanager
 def batch_statistics(model: nn.Module) -> Iterator[None]:
-    """Normalise with each image's own statistics, as the paper's authors did at test time.
+    """Normalise with each image's own statistics (the paper's test-time BatchNorm), for the
+    duration of the block; see ``norm.BatchNorm2d``.
 
-    They evaluated one image at a time with BatchNorm in training mode; for a batch of one
-    that is exactly instance normalisation followed by BatchNorm's affine transform. Computing
-    it as ``F.instance_norm`` keeps those semantics for any batch size (results do not depend
-    on which images share a batch), leaves the running statistics untouched, and exports to
-    ONNX/TorchScript as an ordinary op.
+    Our models' norms switch with their ``per_image`` flag. A BatchNorm that is not ours (e.g.
+    after ``convert_sync_batchnorm``) gets the same function as an instance ``forward``,
+    removed again on exit.
     """
-    patched = []
+    switched, patched = [], []
     for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.forward = _per_image_norm(m)  # instance attribute shadows the class method
+        if isinstance(m, BatchNorm2d):
+            if not m.per_image:
+                m.per_image = True
+                switched.append(m)
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm) and "forward" not in m.__dict__:
+            m.forward = functools.partial(per_image_norm, m)
             patched.append(m)
     try:
         yield
     finally:
+        for m in switched:
+            m.per_image = False
         for m in patched:
             del m.forward
-
-
-def _per_image_norm(bn: nn.modules.batchnorm._BatchNorm) -> Any:
-    def forward(x: Tensor) -> Tensor:
-        return F.instance_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
-
-    return forward
