@@ -435,8 +435,8 @@ def test_efficient_transition_down_keeps_only_its_input():
     assert eff_bytes == x.numel() * 4  # the input only; the dropout mask is kept as its seed
     assert naive_bytes > 4 * eff_bytes
     g = torch.randn_like(y0)
-    gx0, gw0 = torch.autograd.grad(y0, [x, naive[2].weight], g)
-    gx1, gw1 = torch.autograd.grad(y1, [x, eff[2].weight], g)
+    gx0, gw0 = torch.autograd.grad(y0, [x, naive.conv.weight], g)
+    gx1, gw1 = torch.autograd.grad(y1, [x, eff.conv.weight], g)
     torch.testing.assert_close(gx1, gx0, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gw1, gw0, rtol=1e-5, atol=1e-6)
 
@@ -479,3 +479,45 @@ def test_per_image_norm_is_a_switch_on_our_batchnorm():
     assert not ours.per_image and "forward" not in foreign.__dict__
     assert not torch.allclose(ours(x), expected)  # running statistics again
     assert torch.equal(ours.running_mean, torch.full((4,), 5.0))
+
+
+def test_transition_down_has_named_children_and_loads_older_positional_checkpoints(tmp_path):
+    from tiramisu.models import FCDenseNet
+    from tiramisu.pretrained import load_pretrained, save_pretrained
+
+    torch.manual_seed(0)
+    model = FCDenseNet(
+        num_classes=3, growth_rate=4, down_blocks=(1, 1), bottleneck_layers=1, first_conv_channels=8
+    ).eval()
+    td = model.trans_down[0]
+    assert [n for n, _ in td.named_children()] == ["norm", "relu", "conv", "drop", "pool"]
+    names = {".norm.": ".0.", ".conv.": ".2."}
+    old = {}
+    for k, v in model.state_dict().items():
+        for new, pos in names.items():
+            if k.startswith("trans_down.") and new in k:
+                k = k.replace(new, pos)
+        old[k] = v
+    assert "trans_down.1.2.weight" in old
+    fresh = FCDenseNet(
+        num_classes=3, growth_rate=4, down_blocks=(1, 1), bottleneck_layers=1, first_conv_channels=8
+    ).eval()
+    fresh.load_state_dict(old)
+    x = torch.rand(1, 3, 40, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x))
+    # A weights folder written with the old names loads too.
+    config = {
+        "architecture": "FCDenseNet",
+        "model_config": model.config,
+        "classes": ["a", "b", "c"],
+        "colors": [[0, 0, 0]] * 3,
+        "preprocessing": {"mean": None, "std": None, "channels": 3},
+    }
+    directory = save_pretrained(model, config, tmp_path / "w")
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in old.items()}, str(directory / "model.safetensors"))
+    loaded, _ = load_pretrained(directory)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))

@@ -206,6 +206,9 @@ def check_state_dict(
     model: nn.Module, state: dict[str, torch.Tensor], config: dict[str, Any], source: str
 ) -> None:
     """Name the first disagreement between weights and architecture in one line."""
+    from .models.fcdensenet import upgrade_state_dict
+
+    state = upgrade_state_dict(state)  # older files: load_state_dict renames them the same way
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]

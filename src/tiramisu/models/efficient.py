@@ -375,7 +375,7 @@ class _EfficientTransitionDown(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, td: nn.Module, *params: Tensor) -> Tensor:
-        bn, conv, drop = td[0], td[2], td[3]
+        bn, conv, drop = td.norm, td.conv, td.drop
         h = F.relu(_bn(x, bn, _bn_momentum(bn, update_stats=True)), inplace=True)
         z = F.conv2d(h, conv.weight, conv.bias)
         del h
@@ -390,7 +390,7 @@ class _EfficientTransitionDown(torch.autograd.Function):
     def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
         x, *saved_mask = ctx.saved_tensors
         td = ctx.td
-        bn, conv, drop = td[0], td[2], td[3]
+        bn, conv, drop = td.norm, td.conv, td.drop
         zd = ctx.z_dtype
         h, *stats = _bn_relu_recompute(bn, x)
         hz = h.to(zd)
@@ -417,5 +417,5 @@ class _EfficientTransitionDown(torch.autograd.Function):
 
 
 def efficient_transition_down(td: nn.Module, x: Tensor) -> Tensor:
-    params = [p for m in (td[0], td[2]) for p in (m.weight, m.bias) if p is not None]
+    params = [p for m in (td.norm, td.conv) for p in (m.weight, m.bias) if p is not None]
     return _EfficientTransitionDown.apply(x, td, *params)

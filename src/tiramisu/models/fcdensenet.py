@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Literal
 
@@ -16,7 +17,7 @@ from .norm import BatchNorm2d
 Upsampling = Literal["transposed", "bilinear"]
 
 
-class TransitionDown(nn.Sequential):
+class TransitionDown(nn.Module):
     """BN -> ReLU -> 1x1 conv (same width, no compression) -> dropout -> 2x2 max-pool.
 
     With ``memory_efficient`` training keeps only the input (the dense block's buffer, kept
@@ -24,27 +25,43 @@ class TransitionDown(nn.Sequential):
     """
 
     def __init__(self, channels: int, dropout: float = 0.2, memory_efficient: bool = False) -> None:
-        super().__init__(
-            BatchNorm2d(channels),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(channels, channels, 1, bias=True),
-            Dropout(dropout),
-            nn.MaxPool2d(2),
-        )
+        super().__init__()
+        self.norm = BatchNorm2d(channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv = nn.Conv2d(channels, channels, 1, bias=True)
+        self.drop = Dropout(dropout)
+        self.pool = nn.MaxPool2d(2)
         self.out_channels = channels
         self.memory_efficient = memory_efficient
+        self.register_load_state_dict_pre_hook(_positional_to_named)
 
     def forward(self, x: Tensor) -> Tensor:
         if (
             self.memory_efficient
             and torch.is_grad_enabled()
-            and not per_image_norm_active(self[0])
+            and not per_image_norm_active(self.norm)
             and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
         ):
             from .efficient import efficient_transition_down
 
             return efficient_transition_down(self, x)
-        return super().forward(x)
+        return self.pool(self.drop(self.conv(self.relu(self.norm(x)))))
+
+
+# Checkpoints written before the transition's children had names used nn.Sequential's indices.
+_POSITIONAL = re.compile(r"^(.*trans_down\.\d+\.)([02])\.")
+_NAMES = {"0": "norm", "2": "conv"}
+
+
+def upgrade_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A state dict with FC-DenseNet's older positional transition keys renamed."""
+    return {_POSITIONAL.sub(lambda m: f"{m[1]}{_NAMES[m[2]]}.", k): v for k, v in state.items()}
+
+
+def _positional_to_named(module: nn.Module, state: dict, prefix: str, *_: object) -> None:
+    for name, new in _NAMES.items():
+        for key in [k for k in state if k.startswith(f"{prefix}{name}.")]:
+            state[f"{prefix}{new}.{key[len(prefix) + 2 :]}"] = state.pop(key)
 
 
 def center_crop(x: Tensor, size: Sequence[int]) -> Tensor:
