@@ -348,7 +348,7 @@ def test_efficient_block_keeps_only_a_linear_amount_of_activations():
 
 
 def test_keep_mask_probability_layout_and_seeding():
-    from tiramisu.models.layers import dropout, keep_mask
+    from tiramisu.models.ops import dropout, keep_mask
 
     x = torch.empty(2, 8, 64, 64).contiguous(memory_format=torch.channels_last)
     torch.manual_seed(3)

@@ -9,8 +9,9 @@ from typing import Literal
 from torch import Tensor, nn
 
 from .common import records_config
-from .layers import DenseBlock, Dropout
+from .layers import DenseBlock
 from .norm import BatchNorm2d
+from .ops import Dropout
 
 Stem = Literal["cifar", "imagenet"]
 

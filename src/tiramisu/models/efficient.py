@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import MaskToken, compute_dtype, draw_keep_mask, rebuild_keep_mask
+from .ops import MaskToken, compute_dtype, draw_keep_mask, rebuild_keep_mask
 
 
 def _bn_momentum(bn: nn.BatchNorm2d, update_stats: bool) -> float | None:

@@ -11,8 +11,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .common import records_config
-from .layers import DenseBlock, Dropout, compute_dtype, he_uniform_, per_image_norm_active
+from .efficient import efficient_transition_down
+from .layers import DenseBlock, he_uniform_, per_image_norm_active
 from .norm import BatchNorm2d
+from .ops import Dropout, compute_dtype
 
 Upsampling = Literal["transposed", "bilinear"]
 
@@ -42,8 +44,6 @@ class TransitionDown(nn.Module):
             and not per_image_norm_active(self.norm)
             and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
         ):
-            from .efficient import efficient_transition_down
-
             return efficient_transition_down(self, x)
         return self.pool(self.drop(self.conv(self.relu(self.norm(x)))))
 
