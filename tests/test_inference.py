@@ -10,7 +10,7 @@ import tiramisu
 from tiramisu.cli import main
 from tiramisu.errors import CheckpointError
 from tiramisu.export import export_onnx, export_torchscript
-from tiramisu.inference import Segmenter, tiled_proba
+from tiramisu.inference import Segmenter, colorize, tiled_proba
 from tiramisu.models import FCDenseNet
 from tiramisu.pretrained import load_pretrained, save_pretrained
 
@@ -377,3 +377,53 @@ def test_predict_fast_paths_are_selectable(pretrained, tmp_path, monkeypatch):
     b = np.asarray(Image.open(tmp_path / "fast" / "in.png"))
     assert a.shape == b.shape == (64, 80)
     assert (a == b).mean() > 0.9
+
+
+def test_predict_colours_skip_class_outline_and_legend(pretrained, tmp_path, capsys):
+    from tiramisu.inference import overlay
+
+    image = np.random.default_rng(3).integers(0, 255, (40, 48, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "p.png")
+    (tmp_path / "colors.yaml").write_text(
+        "c0: [255, 0, 0]\nc1: [0, 255, 0]\nc2: [0, 0, 255]\nc3: [255, 255, 0]\n"
+    )
+    out = tmp_path / "out"
+    argv = [
+        "predict",
+        "--checkpoint",
+        str(pretrained),
+        str(tmp_path / "p.png"),
+        "--out",
+        str(out),
+        "--overlay",
+        "--colors",
+        str(tmp_path / "colors.yaml"),
+        "--skip-class",
+        "c1",
+        "--outline",
+        "--legend",
+        "--quiet",
+    ]
+    assert main(argv) == 0
+    mask = np.asarray(Image.open(out / "p.png"))
+    colors = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(out / "p_color.png")), colorize(mask, colors)
+    )
+    shown = np.asarray(Image.open(out / "p_overlay.png"))
+    np.testing.assert_array_equal(
+        shown, overlay(image, colorize(mask, colors), 0.5, mask, skip_class=1, outline=True)
+    )
+    # Undrawn class: the image itself; boundaries: black.
+    inside = mask == 1
+    inside[:-1] &= mask[1:] == 1
+    inside[:, :-1] &= mask[:, 1:] == 1
+    if inside.any():
+        np.testing.assert_array_equal(shown[inside], image[inside])
+    legend = np.asarray(Image.open(out / "legend.png"))
+    assert legend.shape[0] >= 4 * 20 and (legend == [0, 0, 255]).all(-1).any()
+    assert main(argv[:-5] + ["--skip-class", "sky", "--quiet"]) == 2
+    assert "--skip-class 'sky': not a class" in capsys.readouterr().err
+    (tmp_path / "bad.yaml").write_text("c0: [1, 2]\n")
+    assert main(argv[:-8] + ["--colors", str(tmp_path / "bad.yaml"), "--quiet"]) == 2
+    assert "bad.yaml: no colour for class 'c1'" in capsys.readouterr().err

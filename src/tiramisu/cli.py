@@ -143,7 +143,7 @@ def cmd_download(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from .hardware import resolve_device
     from .imageio import set_max_pixels
-    from .inference import Segmenter, expand_inputs, predict_files
+    from .inference import Segmenter, expand_inputs, predict_files, read_colors
 
     if args.overlap is not None and args.tile is None:
         raise ValueError("--overlap needs --tile")
@@ -155,7 +155,27 @@ def cmd_predict(args: argparse.Namespace) -> int:
         channels_last=args.channels_last,
         compile=args.compile,
     )
+    colors = read_colors(args.colors, segmenter.classes) if args.colors else None
+    skip = None
+    if args.skip_class is not None:
+        names = segmenter.classes
+        if args.skip_class in names:
+            skip = names.index(args.skip_class)
+        elif args.skip_class.isdigit() and int(args.skip_class) < len(names):
+            skip = int(args.skip_class)
+        else:
+            raise ValueError(
+                f"--skip-class {args.skip_class!r}: not a class of this model ({', '.join(names)})"
+            )
     paths, problems = expand_inputs(args.inputs)
+    if args.legend:
+        from .inference import legend_image, save_image_atomic
+
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        save_image_atomic(
+            legend_image(segmenter.classes, colors or segmenter.colors),
+            Path(args.out) / "legend.png",
+        )
     done, failed = predict_files(
         segmenter,
         paths,
@@ -168,6 +188,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         save_probs=args.probs,
         alpha=args.alpha,
         progress=not args.quiet,
+        colors=colors,
+        skip_class=skip,
+        outline=args.outline,
     )
     problems += failed
     for p in problems:
@@ -329,6 +352,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=int, help="tile overlap in pixels (default 64)")
     p.add_argument("--overlay", action="store_true", help="also write NAME_overlay.png")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
+    p.add_argument("--colors", help="JSON/YAML file of class colours ({name: [r, g, b]} or a list)")
+    p.add_argument(
+        "--skip-class", help="class (name or index) left undrawn in overlays, e.g. background"
+    )
+    p.add_argument(
+        "--outline", action="store_true", help="draw class boundaries in black on overlays"
+    )
+    p.add_argument("--legend", action="store_true", help="also write legend.png (class colours)")
     p.add_argument("--probs", action="store_true", help="also write NAME_probs.npz")
     p.add_argument(
         "--max-pixels",

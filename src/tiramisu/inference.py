@@ -41,9 +41,77 @@ def colorize(
     return lut[mask]
 
 
-def overlay(image_rgb: np.ndarray, colored: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+def overlay(
+    image_rgb: np.ndarray,
+    colored: np.ndarray,
+    alpha: float = 0.5,
+    mask: np.ndarray | None = None,
+    skip_class: int | None = None,
+    outline: bool = False,
+) -> np.ndarray:
+    """Blend class colours over the image.
+
+    With ``mask``: pixels of ``skip_class`` (e.g. background) keep the image untouched, and
+    ``outline`` draws class boundaries in black, which keeps regions visible even where a class
+    colour resembles the image (a red class on a red car).
+    """
     blend = (1 - alpha) * image_rgb.astype(np.float32) + alpha * colored.astype(np.float32)
-    return np.clip(blend + 0.5, 0, 255).astype(np.uint8)
+    out = np.clip(blend + 0.5, 0, 255).astype(np.uint8)
+    if mask is not None and skip_class is not None:
+        keep = mask == skip_class
+        out[keep] = image_rgb[keep]
+    if mask is not None and outline:
+        edge = np.zeros(mask.shape, dtype=bool)
+        edge[:-1] |= mask[:-1] != mask[1:]
+        edge[:, :-1] |= mask[:, :-1] != mask[:, 1:]
+        out[edge] = 0
+    return out
+
+
+def legend_image(classes: Sequence[str], colors: Sequence[Sequence[int]]) -> np.ndarray:
+    """A PNG-ready legend: one colour swatch and class name per row."""
+    from PIL import ImageDraw
+
+    row, width = 22, 16 + 8 * max(len(c) for c in classes) + 40
+    im = Image.new("RGB", (width, row * len(classes) + 8), "white")
+    draw = ImageDraw.Draw(im)
+    for i, (name, color) in enumerate(zip(classes, colors, strict=True)):
+        y = 4 + i * row
+        draw.rectangle([6, y + 2, 22, y + 18], fill=tuple(int(v) for v in color), outline="black")
+        draw.text((30, y + 4), str(name), fill="black")
+    return np.asarray(im)
+
+
+def read_colors(path: str | Path, classes: Sequence[str]) -> list[tuple[int, int, int]]:
+    """Class colours from a JSON/YAML file: ``{name: [r, g, b]}`` or a list of ``[r, g, b]``."""
+    from .config import parse_yaml
+
+    try:
+        raw = parse_yaml(Path(path).read_text())
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the colours ({e.strerror or e})") from None
+    except Exception as e:  # YAML syntax errors
+        raise DataError(f"{path}: not valid YAML/JSON ({str(e).splitlines()[0]})") from None
+    if isinstance(raw, dict):
+        missing = [c for c in classes if c not in raw]
+        if missing:
+            raise DataError(f"{path}: no colour for class {missing[0]!r}")
+        raw = [raw[c] for c in classes]
+    ok = (
+        isinstance(raw, list)
+        and len(raw) == len(classes)
+        and all(
+            isinstance(c, list)
+            and len(c) == 3
+            and all(isinstance(v, int) and 0 <= v <= 255 for v in c)
+            for c in raw
+        )
+    )
+    if not ok:
+        raise DataError(
+            f"{path}: expected one [r, g, b] (0-255) per class for {len(classes)} classes"
+        )
+    return [tuple(c) for c in raw]
 
 
 def load_image(path: str | Path) -> Image.Image:
@@ -350,7 +418,7 @@ def expand_inputs(inputs: Iterable[str]) -> tuple[list[Path], list[str]]:
     return unique, problems
 
 
-def _atomic_image(array: np.ndarray, path: Path) -> None:
+def save_image_atomic(array: np.ndarray, path: Path) -> None:
     fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
     atomic_write(path, lambda f: Image.fromarray(array).save(f, format=fmt))
 
@@ -368,6 +436,9 @@ def predict_files(
     save_probs: bool = False,
     alpha: float = 0.5,
     progress: bool = True,
+    colors: Sequence[Sequence[int]] | None = None,
+    skip_class: int | None = None,
+    outline: bool = False,
 ) -> tuple[int, list[str]]:
     """Segment ``paths`` into ``out_dir``; returns (images written, problems).
 
@@ -378,6 +449,7 @@ def predict_files(
     from tqdm import tqdm
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    palette = list(colors) if colors is not None else segmenter.colors
     problems: list[str] = []
     names: dict[str, int] = {}
     done = 0
@@ -398,13 +470,12 @@ def predict_files(
             mask = (
                 p.argmax(0).numpy().astype(np.uint8 if len(segmenter.classes) <= 256 else np.int32)
             )
-            _atomic_image(mask, out_dir / f"{name}.png")
-            colored = colorize(mask, segmenter.colors)
-            _atomic_image(colored, out_dir / f"{name}_color.png")
+            save_image_atomic(mask, out_dir / f"{name}.png")
+            colored = colorize(mask, palette)
+            save_image_atomic(colored, out_dir / f"{name}_color.png")
             if save_overlay:
-                _atomic_image(
-                    overlay(display_rgb(image), colored, alpha), out_dir / f"{name}_overlay.png"
-                )
+                blended = overlay(display_rgb(image), colored, alpha, mask, skip_class, outline)
+                save_image_atomic(blended, out_dir / f"{name}_overlay.png")
             if save_probs:
                 arrays = {
                     "probs": p.numpy().astype(np.float16),
