@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from .errors import TiramisuError
 
@@ -236,26 +237,21 @@ def cmd_app(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
-    parser = argparse.ArgumentParser(
-        prog="tiramisu",
-        description="FC-DenseNet semantic segmentation and DenseNet classification.",
-    )
-    parser.add_argument("--version", action="version", version=f"tiramisu {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_list(sub: Any) -> None:
     p = sub.add_parser("list", help="list the registered models")
     p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'fcdense*'")
     p.set_defaults(func=cmd_list)
 
+
+def _add_list_pretrained(sub: Any) -> None:
     p = sub.add_parser(
         "list-pretrained", help="published weight sets, their validation scores and recipes"
     )
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.set_defaults(func=cmd_list_pretrained)
 
+
+def _add_summary(sub: Any) -> None:
     p = sub.add_parser("summary", help="per-stage architecture, parameters and FLOPs of a model")
     p.add_argument("name", help="a registered model name (see 'tiramisu list')")
     p.add_argument(
@@ -281,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_summary)
 
+
+def _add_config(sub: Any) -> None:
     p = sub.add_parser(
         "config", help="print the full resolved config, or the reference of every key"
     )
@@ -288,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", action="store_true", help="markdown table of every key")
     p.set_defaults(func=cmd_config)
 
+
+def _add_train(sub: Any) -> None:
     p = sub.add_parser("train", help="train a model from a YAML config")
     p.add_argument("--config", help="YAML config (see configs/); defaults fill the rest")
     p.add_argument("--data-root", help="dataset folder (sets data.root)")
@@ -304,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     p.set_defaults(func=cmd_train)
 
+
+def _add_evaluate(sub: Any) -> None:
     p = sub.add_parser("evaluate", help="evaluate a checkpoint on full-size frames")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data-root", help="dataset folder (default: the one the run used)")
@@ -313,12 +315,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_evaluate)
 
+
+def _add_demo(sub: Any) -> None:
     p = sub.add_parser("demo", help="train and evaluate on a synthetic dataset (about a minute)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_demo)
 
+
+def _add_predict(sub: Any) -> None:
     p = sub.add_parser("predict", help="segment images, folders or globs into mask PNGs")
     p.add_argument(
         "--checkpoint",
@@ -370,6 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_predict)
 
+
+def _add_export_weights(sub: Any) -> None:
     p = sub.add_parser(
         "export-weights",
         help="training checkpoint -> shareable safetensors + config.json directory",
@@ -378,6 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export_weights)
 
+
+def _add_export(sub: Any) -> None:
     p = sub.add_parser("export", help="export to ONNX (dynamic batch/H/W) or TorchScript")
     p.add_argument("--checkpoint", required=True, help="training checkpoint or pretrained dir")
     p.add_argument("--format", required=True, choices=["onnx", "torchscript"])
@@ -385,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=17)
     p.set_defaults(func=cmd_export)
 
+
+def _add_app(sub: Any) -> None:
     p = sub.add_parser(
         "app", help="try a model in the browser (needs: pip install 'tiramisu[app]')"
     )
@@ -397,10 +409,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"])
     p.set_defaults(func=cmd_app)
 
+
+def _add_download(sub: Any) -> None:
     p = sub.add_parser("download", help="download a dataset (needs internet)")
     p.add_argument("dataset", choices=["camvid"])
     p.add_argument("dir")
     p.set_defaults(func=cmd_download)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="tiramisu",
+        description="FC-DenseNet semantic segmentation and DenseNet classification.",
+    )
+    parser.add_argument("--version", action="version", version=f"tiramisu {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_list(sub)
+    _add_list_pretrained(sub)
+    _add_summary(sub)
+    _add_config(sub)
+    _add_train(sub)
+    _add_evaluate(sub)
+    _add_demo(sub)
+    _add_predict(sub)
+    _add_export_weights(sub)
+    _add_export(sub)
+    _add_app(sub)
+    _add_download(sub)
     return parser
 
 

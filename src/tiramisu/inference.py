@@ -423,6 +423,40 @@ def save_image_atomic(array: np.ndarray, path: Path) -> None:
     atomic_write(path, lambda f: Image.fromarray(array).save(f, format=fmt))
 
 
+@dataclass
+class OverlayStyle:
+    colors: list[Sequence[int]]
+    alpha: float = 0.5
+    skip_class: int | None = None
+    outline: bool = False
+
+
+def write_outputs(
+    segmenter: Segmenter,
+    probs: Tensor,
+    image: Image.Image,
+    out_dir: Path,
+    name: str,
+    style: OverlayStyle,
+    save_overlay: bool,
+    save_probs: bool,
+) -> None:
+    """``NAME.png`` (indices), ``NAME_color.png`` and optionally the overlay and probabilities."""
+    dtype = np.uint8 if len(segmenter.classes) <= 256 else np.int32
+    mask = probs.argmax(0).numpy().astype(dtype)
+    save_image_atomic(mask, out_dir / f"{name}.png")
+    colored = colorize(mask, style.colors)
+    save_image_atomic(colored, out_dir / f"{name}_color.png")
+    if save_overlay:
+        blended = overlay(
+            display_rgb(image), colored, style.alpha, mask, style.skip_class, style.outline
+        )
+        save_image_atomic(blended, out_dir / f"{name}_overlay.png")
+    if save_probs:
+        arrays = {"probs": probs.numpy().astype(np.float16), "classes": np.array(segmenter.classes)}
+        atomic_write(out_dir / f"{name}_probs.npz", lambda f: np.savez_compressed(f, **arrays))
+
+
 def predict_files(
     segmenter: Segmenter,
     paths: Sequence[Path],
@@ -449,7 +483,7 @@ def predict_files(
     from tqdm import tqdm
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    palette = list(colors) if colors is not None else segmenter.colors
+    style = OverlayStyle(list(colors or segmenter.colors), alpha, skip_class, outline)
     problems: list[str] = []
     names: dict[str, int] = {}
     done = 0
@@ -467,23 +501,7 @@ def predict_files(
         x = torch.stack([b[2] for b in batch])
         probs = segmenter.predict_proba_batch(x, tta=tta, tile=tile, overlap=overlap)
         for (_, image, _, name), p in zip(batch, probs, strict=True):
-            mask = (
-                p.argmax(0).numpy().astype(np.uint8 if len(segmenter.classes) <= 256 else np.int32)
-            )
-            save_image_atomic(mask, out_dir / f"{name}.png")
-            colored = colorize(mask, palette)
-            save_image_atomic(colored, out_dir / f"{name}_color.png")
-            if save_overlay:
-                blended = overlay(display_rgb(image), colored, alpha, mask, skip_class, outline)
-                save_image_atomic(blended, out_dir / f"{name}_overlay.png")
-            if save_probs:
-                arrays = {
-                    "probs": p.numpy().astype(np.float16),
-                    "classes": np.array(segmenter.classes),
-                }
-                atomic_write(
-                    out_dir / f"{name}_probs.npz", lambda f, a=arrays: np.savez_compressed(f, **a)
-                )
+            write_outputs(segmenter, p, image, out_dir, name, style, save_overlay, save_probs)
             done += 1
             bar.update(1)  # counts written images, so the bar tracks the real work
         batch.clear()
