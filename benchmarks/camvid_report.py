@@ -104,6 +104,35 @@ def report(run: Path, out: Path, command: str, status: str) -> dict:
     }
 
 
+def write_index(out: Path) -> None:
+    """``results/camvid/README.md``: every published set, trained or not, with its status."""
+    rows = [
+        "# CamVid reproduction",
+        "",
+        "Validation mIoU of the models trained with the paper's recipe (`configs/`), beside the",
+        "paper's test-set figures; per-model reports (curves, per-class IoU, wall time, hardware,",
+        "command) are linked. The weights ship with the package: `tiramisu list-pretrained`.",
+        "",
+        "| model | status | epochs run | best epoch | val mIoU % | val global acc % | paper mIoU % "
+        "(test) | report |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for entry in zoo.list_pretrained():
+        paper = PAPER_CAMVID.get(entry.model, {}).get("miou", "")
+        summary_path = out / f"{entry.model}.json"
+        if summary_path.exists():
+            s = json.loads(summary_path.read_text())
+            rows.append(
+                f"| {entry.model} | {entry.notes or 'trained'} | {s['epochs_run']} | "
+                f"{s['best_epoch']} | {100 * s['val_miou']:.1f} | "
+                f"{100 * s['val_global_accuracy']:.1f} | {paper} | "
+                f"[{entry.model}.md]({entry.model}.md) |"
+            )
+        else:
+            rows.append(f"| {entry.model} | {entry.notes} | 0 | - | - | - | {paper} | - |")
+    (out / "README.md").write_text("\n".join(rows) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="run folder with best.pt and last.pt")
@@ -131,6 +160,7 @@ def main() -> None:
             },
         )
         print(f"published {entry.name}: {entry.sha256}")
+    write_index(args.out)
     print(json.dumps(summary, indent=2))
 
 
