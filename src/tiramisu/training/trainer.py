@@ -238,6 +238,12 @@ class Trainer:
                 self.quiet,
                 lambda: deadline.expired(reserve_s=self.val_seconds),
             )
+            if stats.stopped_early and stats.images == 0:
+                # Out of time before this epoch's first step: nothing new to validate or save.
+                self.log(
+                    f"time budget of {self.config.train.max_minutes} minutes used up; stopping"
+                )
+                return False
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
             record = self._record(stage, epoch, lr, stats)
