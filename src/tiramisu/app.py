@@ -89,13 +89,14 @@ class SegmentationApp:
         return overlay(rgb, colorize(mask, self.segmenter.colors), float(alpha))
 
 
-def build_app(segmenter: Segmenter, title: str = "tiramisu") -> Any:
-    """A Gradio Blocks app around ``segmenter`` (``gradio`` is the ``[app]`` extra)."""
+def build_app(segmenter: Segmenter, title: str = "tiramisu", out_dir: Path | None = None) -> Any:
+    """A Gradio Blocks app around ``segmenter`` (``gradio`` is the ``[app]`` extra); the masks
+    offered for download are written under ``out_dir`` (a new temporary folder by default)."""
     try:
         import gradio as gr
     except ImportError:
         raise TiramisuError("the web app needs gradio: pip install 'tiramisu[app]'") from None
-    app = SegmentationApp(segmenter)
+    app = SegmentationApp(segmenter, out_dir)
     classes = segmenter.classes
 
     def segment(files: Any, alpha: float, tiled: bool, tile: float) -> Any:
