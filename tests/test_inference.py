@@ -427,3 +427,46 @@ def test_predict_colours_skip_class_outline_and_legend(pretrained, tmp_path, cap
     (tmp_path / "bad.yaml").write_text("c0: [1, 2]\n")
     assert main(argv[:-8] + ["--colors", str(tmp_path / "bad.yaml"), "--quiet"]) == 2
     assert "bad.yaml: no colour for class 'c1'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("size", "tile", "overlap"), [((300, 407), 128, 64), ((97, 250), 64, 0)])
+def test_streamed_tiled_mask_equals_the_whole_probability_path(size, tile, overlap, tmp_path):
+    from tiramisu.inference import tiled_labels
+
+    model = tiny_model(down=(1, 1, 1))
+    seg = Segmenter(model, tiny_config(model))
+    image = np.random.default_rng(4).integers(0, 255, (*size, 3), dtype=np.uint8)
+    x = seg.preprocess(image)[None]
+    reference = seg.predict_proba_batch(x, tile=tile, overlap=overlap)[0].argmax(0).numpy()
+    calls = []
+
+    def tile_probs(y0, y1, x0, x1):
+        calls.append((y0, y1, x0, x1))
+        return seg._probs(x[..., y0:y1, x0:x1])
+
+    streamed = tiled_labels(tile_probs, *size, tile, overlap, align=seg.min_size)
+    np.testing.assert_array_equal(streamed, reference)
+    assert len(calls) == len(set(calls)) > 1  # every tile once
+    np.testing.assert_array_equal(seg.predict(image, tile=tile, overlap=overlap), reference)
+    # The CLI's --tile path streams too and writes the same mask.
+    Image.fromarray(image).save(tmp_path / "big.png")
+    seg_dir = save_pretrained(model, tiny_config(model), tmp_path / "w")
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(seg_dir),
+                str(tmp_path / "big.png"),
+                "--out",
+                str(tmp_path / "out"),
+                "--tile",
+                str(tile),
+                "--overlap",
+                str(overlap),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "big.png")), reference)

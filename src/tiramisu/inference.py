@@ -319,11 +319,60 @@ class Segmenter:
         """K x H x W probabilities for one image."""
         return self.predict_proba_batch(self.preprocess(image)[None], **kw)[0].numpy()
 
-    def predict(self, image: ImageLike, **kw: Any) -> np.ndarray:
-        """H x W class-index mask (uint8 for up to 256 classes) with the input's size."""
-        probs = self.predict_proba_batch(self.preprocess(image)[None], **kw)[0]
-        mask = probs.argmax(0).numpy()
-        return mask.astype(np.uint8 if len(self.classes) <= 256 else np.int32)
+    @property
+    def mask_dtype(self) -> Any:
+        return np.uint8 if len(self.classes) <= 256 else np.int32
+
+    def predict(
+        self,
+        image: ImageLike,
+        tta: bool = False,
+        tile: int | None = None,
+        overlap: int = 64,
+    ) -> np.ndarray:
+        """H x W class-index mask (uint8 for up to 256 classes) with the input's size.
+
+        With ``tile`` the image goes through the sliding window in bounded memory
+        (``predict_tiled``)."""
+        if tile is not None:
+            return self.predict_tiled(image, tile, overlap, tta)
+        probs = self.predict_proba_batch(self.preprocess(image)[None], tta=tta)[0]
+        return probs.argmax(0).numpy().astype(self.mask_dtype)
+
+    def predict_tiled(
+        self, image: ImageLike, tile: int, overlap: int = 64, tta: bool = False
+    ) -> np.ndarray:
+        """Sliding-window mask that never holds the whole image's probabilities.
+
+        Only the decoded image (in its own 8/16-bit form) and the mask are whole-image arrays;
+        each tile is scaled and normalised on its own, and the blended sums live one band of
+        tiles at a time (``tiled_labels``). TTA flips each tile."""
+        source = self._source_array(image)
+        h, w = source.shape[:2]
+
+        def tile_probs(y0: int, y1: int, x0: int, x1: int) -> Tensor:
+            x = self.preprocess(np.ascontiguousarray(source[y0:y1, x0:x1]))[None]
+            p = self._probs(x)
+            if tta:
+                p = 0.5 * (p + self._probs(x.flip(-1)).flip(-1))
+            return p
+
+        return tiled_labels(tile_probs, h, w, tile, overlap, self.min_size, self.mask_dtype)
+
+    def _source_array(self, image: ImageLike) -> np.ndarray:
+        """H x W x C in the model's channel count, not yet scaled (uint8/uint16), or the
+        float array/tensor as given."""
+        if isinstance(image, str | Path):
+            image = load_image(image)
+        if isinstance(image, Image.Image):
+            name = getattr(image, "filename", "") or "image"
+            return pil_to_array(image, self.channels, name)
+        if isinstance(image, Tensor):
+            x = image.detach().float().cpu()
+            x = x[0] if x.dim() == 4 else x
+            x = x[None] if x.dim() == 2 else x
+            return x.permute(1, 2, 0).numpy()
+        return image if image.ndim == 3 else image[..., None]
 
 
 def _ramp(length: int, overlap: int, at_start: bool, at_end: bool) -> Tensor:
@@ -393,6 +442,56 @@ def tiled_proba(
     return acc / weight
 
 
+def tiled_labels(
+    tile_probs: Callable[[int, int, int, int], Tensor],
+    h: int,
+    w: int,
+    tile: int,
+    overlap: int,
+    align: int = 32,
+    dtype: Any = np.uint8,
+) -> np.ndarray:
+    """The class-index mask of a sliding-window prediction, streamed band by band.
+
+    ``tile_probs(y0, y1, x0, x1)`` returns the 1 x K x (y1 - y0) x (x1 - x0) probabilities of
+    that window. Tiles are those of ``tiled_proba`` and are blended the same way, so the mask
+    equals ``tiled_proba(...).argmax(1)``; but once a row of tiles is done, the rows above the
+    next row's start receive no more contributions, so they are reduced to class indices at
+    once. Only one band of K x (tile + overlap) x W sums exists at a time, instead of K x H x W
+    probabilities (44 bytes per pixel for 11 classes). The blending weights need no division:
+    each pixel's sum is scaled by a positive weight, which leaves its argmax unchanged.
+    """
+    if tile < align:
+        raise ValueError(f"tile size {tile} is smaller than the model's minimum {align}")
+    if not 0 <= overlap < tile:
+        raise ValueError(f"overlap must be in [0, tile), got {overlap} for tile {tile}")
+    stride = max(align, ((tile - overlap) // align) * align)
+    ys, xs = _starts(h, tile, stride, align), _starts(w, tile, stride, align)
+    mask = np.empty((h, w), dtype=dtype)
+    acc: Tensor | None = None  # sums for rows [top, top + acc.shape[1])
+    top = 0
+    for i, y0 in enumerate(ys):
+        last_row = i == len(ys) - 1
+        y1 = h if last_row else min(h, y0 + tile)
+        wy = _ramp(y1 - y0, overlap, y0 == 0, y1 == h)
+        for j, x0 in enumerate(xs):
+            x1 = w if j == len(xs) - 1 else min(w, x0 + tile)
+            wx = _ramp(x1 - x0, overlap, x0 == 0, x1 == w)
+            p = tile_probs(y0, y1, x0, x1)[0]
+            if acc is None or acc.shape[1] < y1 - top:
+                grown = torch.zeros(p.shape[0], y1 - top, w)
+                if acc is not None:
+                    grown[:, : acc.shape[1]] = acc
+                acc = grown
+            acc[:, y0 - top : y1 - top, x0:x1] += p * (wy[:, None] * wx[None, :])
+        assert acc is not None
+        done = h if last_row else ys[i + 1]  # rows above the next row of tiles are final
+        mask[top:done] = acc[:, : done - top].argmax(0).numpy()
+        acc = acc[:, done - top :].clone()
+        top = done
+    return mask
+
+
 # --------------------------------------------------------------------------------- files
 def expand_inputs(inputs: Iterable[str]) -> tuple[list[Path], list[str]]:
     """Files, folders (their images, sorted) and globs -> (image paths, problems)."""
@@ -433,7 +532,8 @@ class OverlayStyle:
 
 def write_outputs(
     segmenter: Segmenter,
-    probs: Tensor,
+    mask: np.ndarray,
+    probs: Tensor | None,
     image: Image.Image,
     out_dir: Path,
     name: str,
@@ -442,8 +542,6 @@ def write_outputs(
     save_probs: bool,
 ) -> None:
     """``NAME.png`` (indices), ``NAME_color.png`` and optionally the overlay and probabilities."""
-    dtype = np.uint8 if len(segmenter.classes) <= 256 else np.int32
-    mask = probs.argmax(0).numpy().astype(dtype)
     save_image_atomic(mask, out_dir / f"{name}.png")
     colored = colorize(mask, style.colors)
     save_image_atomic(colored, out_dir / f"{name}_color.png")
@@ -452,7 +550,7 @@ def write_outputs(
             display_rgb(image), colored, style.alpha, mask, style.skip_class, style.outline
         )
         save_image_atomic(blended, out_dir / f"{name}_overlay.png")
-    if save_probs:
+    if save_probs and probs is not None:
         arrays = {"probs": probs.numpy().astype(np.float16), "classes": np.array(segmenter.classes)}
         atomic_write(out_dir / f"{name}_probs.npz", lambda f: np.savez_compressed(f, **arrays))
 
@@ -501,7 +599,8 @@ def predict_files(
         x = torch.stack([b[2] for b in batch])
         probs = segmenter.predict_proba_batch(x, tta=tta, tile=tile, overlap=overlap)
         for (_, image, _, name), p in zip(batch, probs, strict=True):
-            write_outputs(segmenter, p, image, out_dir, name, style, save_overlay, save_probs)
+            mask = p.argmax(0).numpy().astype(segmenter.mask_dtype)
+            write_outputs(segmenter, mask, p, image, out_dir, name, style, save_overlay, save_probs)
             done += 1
             bar.update(1)  # counts written images, so the bar tracks the real work
         batch.clear()
@@ -509,9 +608,27 @@ def predict_files(
     bar = tqdm(
         total=len(paths), desc="segment", unit="img", disable=not progress, dynamic_ncols=True
     )
+    stream = tile is not None and not save_probs  # bounded memory: no whole-image probs
     for path in paths:
         try:
             image = load_image(path)
+            if stream and max(image.size) > tile:
+                flush()
+                mask = segmenter.predict_tiled(image, tile, overlap, tta)
+                write_outputs(
+                    segmenter,
+                    mask,
+                    None,
+                    image,
+                    out_dir,
+                    unique_name(path),
+                    style,
+                    save_overlay,
+                    False,
+                )
+                done += 1
+                bar.update(1)
+                continue
             x = segmenter.preprocess(image)
         except (DataError, ValueError, OSError) as e:
             problems.append(str(e))
