@@ -347,11 +347,25 @@ class Segmenter:
         Only the decoded image (in its own 8/16-bit form) and the mask are whole-image arrays;
         each tile is scaled and normalised on its own, and the blended sums live one band of
         tiles at a time (``tiled_labels``). TTA flips each tile."""
-        source = self._source_array(image)
-        h, w = source.shape[:2]
+        if isinstance(image, str | Path):
+            image = load_image(image)
+        if isinstance(image, Image.Image):
+            # Crop each tile from the decoded image: no whole-image numpy copy.
+            w, h = image.size
+            name = getattr(image, "filename", "") or "image"
+            pil = image
+
+            def window(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+                return pil_to_array(pil.crop((x0, y0, x1, y1)), self.channels, name)
+        else:
+            source = self._source_array(image)
+            h, w = source.shape[:2]
+
+            def window(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+                return np.ascontiguousarray(source[y0:y1, x0:x1])
 
         def tile_probs(y0: int, y1: int, x0: int, x1: int) -> Tensor:
-            x = self.preprocess(np.ascontiguousarray(source[y0:y1, x0:x1]))[None]
+            x = self.preprocess(window(y0, y1, x0, x1))[None]
             p = self._probs(x)
             if tta:
                 p = 0.5 * (p + self._probs(x.flip(-1)).flip(-1))
@@ -359,14 +373,8 @@ class Segmenter:
 
         return tiled_labels(tile_probs, h, w, tile, overlap, self.min_size, self.mask_dtype)
 
-    def _source_array(self, image: ImageLike) -> np.ndarray:
-        """H x W x C in the model's channel count, not yet scaled (uint8/uint16), or the
-        float array/tensor as given."""
-        if isinstance(image, str | Path):
-            image = load_image(image)
-        if isinstance(image, Image.Image):
-            name = getattr(image, "filename", "") or "image"
-            return pil_to_array(image, self.channels, name)
+    def _source_array(self, image: np.ndarray | Tensor) -> np.ndarray:
+        """An array or tensor input as H x W x C, not yet scaled."""
         if isinstance(image, Tensor):
             x = image.detach().float().cpu()
             x = x[0] if x.dim() == 4 else x

@@ -170,7 +170,7 @@ def pil_to_array(im: Image.Image, channels: int, name: str | Path = "image") -> 
             raise DataError(f"{name}: 16-bit greyscale image cannot give {channels} channels")
         return arr
     mode = {1: "L", 3: "RGB", 4: "RGBA"}[channels]
-    arr = np.asarray(im.convert(mode))
+    arr = np.asarray(im if im.mode == mode else im.convert(mode))  # no extra copy if same mode
     return arr[..., None] if channels == 1 else arr
 
 
