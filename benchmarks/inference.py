@@ -24,6 +24,16 @@ import torch
 MODES = ["eager_fp32", "eager_bf16", "eager_bf16_cl", "onnxruntime"]
 
 
+def own_peak_rss_mb() -> float:
+    """This process's peak RSS. ``ru_maxrss`` of a child started by fork/exec also counts the
+    parent's resident pages at the fork; Linux's VmHWM belongs to the new address space only."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(x.split()[1]) for x in f if x.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def worker(model_name: str, batch: int, mode: str, size: tuple[int, int], repeats: int) -> dict:
     import tiramisu
     from tiramisu.hardware import autocast_context
@@ -72,7 +82,7 @@ def worker(model_name: str, batch: int, mode: str, size: tuple[int, int], repeat
         "mode": mode,
         "images_per_s": batch / best,
         "seconds_per_batch": best,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": own_peak_rss_mb(),
         "threads": torch.get_num_threads(),
     }
 

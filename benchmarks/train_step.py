@@ -68,6 +68,16 @@ ALLOCATORS = {
 }
 
 
+def own_peak_rss_mb() -> float:
+    """This process's peak RSS. ``ru_maxrss`` of a child started by fork/exec also counts the
+    parent's resident pages at the fork; Linux's VmHWM belongs to the new address space only."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(x.split()[1]) for x in f if x.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def find_allocator(name: str) -> str | None:
     """The shared library to LD_PRELOAD for ``name`` (Debian: libtcmalloc-minimal4)."""
     import ctypes.util
@@ -82,7 +92,7 @@ def find_allocator(name: str) -> str | None:
 def _peak_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return own_peak_rss_mb()
 
 
 def _model(name: str, memory_efficient: bool) -> torch.nn.Module:
