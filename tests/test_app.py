@@ -160,3 +160,18 @@ def test_app_api_with_gradio_client(weights, photo):
         assert areas["data"][0][0] == "street.png" and len(gallery) == 1
     finally:
         demo.close()
+
+
+def test_app_serves_training_checkpoints_and_onnx_files(weights, photo, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from tiramisu.export import export_onnx
+    from tiramisu.pretrained import load_pretrained
+
+    model, config = load_pretrained(weights)
+    onnx_path = export_onnx(model, config, tmp_path / "m.onnx")
+    expected = Segmenter.from_pretrained(weights).predict(photo)
+    app = SegmentationApp(Segmenter.load(onnx_path), tmp_path / "out")
+    _, rows, downloads, _ = app.segment([str(photo)])
+    mask = np.asarray(Image.open(downloads[0]))
+    assert (mask == expected).mean() > 0.999  # onnxruntime vs PyTorch: last-bit differences
+    assert rows[0][0] == "street.png"
