@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -20,18 +19,9 @@ import time
 from pathlib import Path
 
 import torch
+from _memory import own_peak_rss_mb  # benchmarks/_memory.py
 
 MODES = ["eager_fp32", "eager_bf16", "eager_bf16_cl", "onnxruntime"]
-
-
-def own_peak_rss_mb() -> float:
-    """This process's peak RSS. ``ru_maxrss`` of a child started by fork/exec also counts the
-    parent's resident pages at the fork; Linux's VmHWM belongs to the new address space only."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(x.split()[1]) for x in f if x.startswith("VmHWM")) / 1024
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def worker(model_name: str, batch: int, mode: str, size: tuple[int, int], repeats: int) -> dict:

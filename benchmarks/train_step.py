@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from _memory import own_peak_rss_mb  # benchmarks/_memory.py
 
 MODES = {
     "naive_fp32": dict(memory_efficient=False, amp="none", channels_last=False),
@@ -66,16 +67,6 @@ ALLOCATORS = {
     "tcmalloc": ("tcmalloc_minimal", "tcmalloc"),
     "jemalloc": ("jemalloc",),
 }
-
-
-def own_peak_rss_mb() -> float:
-    """This process's peak RSS. ``ru_maxrss`` of a child started by fork/exec also counts the
-    parent's resident pages at the fork; Linux's VmHWM belongs to the new address space only."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(x.split()[1]) for x in f if x.startswith("VmHWM")) / 1024
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def find_allocator(name: str) -> str | None:

@@ -29,20 +29,12 @@ def _default_file_mode() -> int:
 
 def atomic_write(path: str | Path, fill: Callable[[BinaryIO], None]) -> Path:
     """Write ``path`` atomically: ``fill`` receives a binary file object to write into."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
+
+    def write_to(tmp: str) -> None:
+        with open(tmp, "wb") as f:
             fill(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _default_file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+    return atomic_write_from(path, write_to)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

@@ -415,6 +415,16 @@ def _starts(size: int, tile: int, stride: int, align: int) -> list[int]:
     return starts
 
 
+def _tile_grid(h: int, w: int, tile: int, overlap: int, align: int) -> tuple[list[int], list[int]]:
+    """Tile origins (rows, columns) shared by ``tiled_proba`` and ``tiled_labels``."""
+    if tile < align:
+        raise ValueError(f"tile size {tile} is smaller than the model's minimum {align}")
+    if not 0 <= overlap < tile:
+        raise ValueError(f"overlap must be in [0, tile), got {overlap} for tile {tile}")
+    stride = max(align, ((tile - overlap) // align) * align)
+    return _starts(h, tile, stride, align), _starts(w, tile, stride, align)
+
+
 def tiled_proba(
     probs_fn: Callable[[Tensor], Tensor], x: Tensor, tile: int, overlap: int, align: int = 32
 ) -> Tensor:
@@ -426,12 +436,7 @@ def tiled_proba(
     activations exist at a time; the accumulators are K x H x W floats.
     """
     _, _, h, w = x.shape
-    if tile < align:
-        raise ValueError(f"tile size {tile} is smaller than the model's minimum {align}")
-    if not 0 <= overlap < tile:
-        raise ValueError(f"overlap must be in [0, tile), got {overlap} for tile {tile}")
-    stride = max(align, ((tile - overlap) // align) * align)
-    ys, xs = _starts(h, tile, stride, align), _starts(w, tile, stride, align)
+    ys, xs = _tile_grid(h, w, tile, overlap, align)
     acc: Tensor | None = None
     weight = torch.zeros(1, 1, h, w)
     for i, y0 in enumerate(ys):
@@ -469,12 +474,7 @@ def tiled_labels(
     probabilities (44 bytes per pixel for 11 classes). The blending weights need no division:
     each pixel's sum is scaled by a positive weight, which leaves its argmax unchanged.
     """
-    if tile < align:
-        raise ValueError(f"tile size {tile} is smaller than the model's minimum {align}")
-    if not 0 <= overlap < tile:
-        raise ValueError(f"overlap must be in [0, tile), got {overlap} for tile {tile}")
-    stride = max(align, ((tile - overlap) // align) * align)
-    ys, xs = _starts(h, tile, stride, align), _starts(w, tile, stride, align)
+    ys, xs = _tile_grid(h, w, tile, overlap, align)
     mask = np.empty((h, w), dtype=dtype)
     acc: Tensor | None = None  # sums for rows [top, top + acc.shape[1])
     top = 0
