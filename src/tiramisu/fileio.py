@@ -1,4 +1,5 @@
-"""Atomic file writes: every file the project writes goes through ``atomic_write``.
+"""Atomic file writes: every file the project writes goes through ``atomic_write`` (or its
+variants for writers that need a file name, ``atomic_write_from``, or stream, ``atomic_open``).
 
 A writer first fills a uniquely named temporary file in the destination folder, fsyncs it, and
 only then renames it over the destination. A crash, a SIGKILL or a second process writing the
@@ -9,10 +10,11 @@ truncated file. Temporary names start with ``.NAME.`` and end with ``.tmp`` so t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -49,19 +51,43 @@ def atomic_write_from(path: str | Path, write_to: Callable[[str], None]) -> Path
     """For libraries that only write to a file name (safetensors, matplotlib, PIL, onnx):
     ``write_to(tmp_name)`` writes the temporary file, which is then fsynced and renamed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
-    os.close(fd)
+    tmp = _temp_beside(path)
     try:
         write_to(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, _default_file_mode())
-        os.replace(tmp, path)
+        _commit(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
+    """A binary file object for writers that stream (row by row): ``path`` appears, complete,
+    only when the ``with`` block ends without an exception."""
+    path = Path(path)
+    tmp = _temp_beside(path)
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+        _commit(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _temp_beside(path: Path) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    os.close(fd)
+    return tmp
+
+
+def _commit(tmp: str, path: Path) -> None:
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.chmod(tmp, _default_file_mode())
+    os.replace(tmp, path)
 
 
 def remove_stale_temp_files(folder: str | Path, older_than_s: float = 0.0) -> list[Path]:

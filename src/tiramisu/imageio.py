@@ -1,4 +1,4 @@
-"""Reading image files: one place, one set of errors, one pixel limit.
+"""Reading image files: one place, one set of errors, one pixel limit; and streaming them.
 
 Every image or mask the project reads goes through ``open_image``, so that any failure
 (missing file, unknown format, truncated data, a decompression bomb) becomes a ``DataError``
@@ -13,10 +13,14 @@ gigabytes). It defaults to Pillow's own hard limit (about 179 million pixels, e.
 from __future__ import annotations
 
 import contextlib
+import struct
 import warnings
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, BinaryIO
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .errors import DataError
@@ -86,3 +90,178 @@ def open_image(path: str | Path, kind: str = "image", header_only: bool = False)
         raise DataError(f"{path}: no such file") from None
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError, MemoryError) as e:
         raise DataError(f"{path}: cannot read {kind} ({e})") from None
+
+
+# ------------------------------------------------------------------------- streamed reading
+# Modes whose pixels libvips decodes to the same numbers as Pillow, by the bands and sample
+# format libvips reports (a palette image arrives expanded to its colours). Anything else is
+# decoded whole by Pillow.
+_VIPS_MODES: dict[str, dict[tuple[int, str], str]] = {
+    "L": {(1, "uchar"): "L"},
+    "LA": {(2, "uchar"): "LA"},
+    "RGB": {(3, "uchar"): "RGB"},
+    "RGBA": {(4, "uchar"): "RGBA"},
+    "P": {(1, "uchar"): "L", (3, "uchar"): "RGB", (4, "uchar"): "RGBA"},
+    "I;16": {(1, "ushort"): "I;16"},
+    "I;16B": {(1, "ushort"): "I;16"},
+    "I;16L": {(1, "ushort"): "I;16"},
+}
+_VIPS_FORMATS = {"PNG", "JPEG", "TIFF"}
+_READ_ROWS = 128  # rows per libvips request: small requests keep its buffers small
+
+
+class ImageRows:
+    """An image file read from the top down, one window of rows at a time.
+
+    ``window(y0, y1, x0, x1)`` returns that part of the image as a PIL image in the mode that
+    Pillow would have decoded the whole file to, so any conversion applied to it matches the
+    whole-image path pixel for pixel. Windows must come in non-decreasing ``y0`` order (rows
+    above the latest ``y0`` are released).
+
+    With libvips installed (``pip install tiramisu[large]``: pyvips and its binary wheel),
+    PNG, JPEG and TIFF files are decoded sequentially, so only the current band of rows is
+    ever in memory, whatever the image's height. Without it, or for other formats, Pillow
+    decodes the whole picture first; the windows are then crops of it.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        header = open_image(path, header_only=True)  # checks the pixel limit before decoding
+        self.size: tuple[int, int] = header.size
+        self._vips: Any = None
+        self._pil: Image.Image | None = None
+        self._top = 0
+        self._rows: np.ndarray | None = None
+        self.mode = _open_vips(self, header.format, header.mode)
+        if self._vips is None:
+            self._pil = open_image(path)
+            self.mode = self._pil.mode
+
+    @property
+    def streamed(self) -> bool:
+        """True when rows are decoded as needed rather than the whole image at once."""
+        return self._vips is not None
+
+    def window(self, y0: int, y1: int, x0: int = 0, x1: int | None = None) -> Image.Image:
+        x1 = self.size[0] if x1 is None else x1
+        if self._pil is not None:
+            return self._pil.crop((x0, y0, x1, y1))
+        rows = self._band(y0, y1)[:, x0:x1]
+        return Image.fromarray(np.ascontiguousarray(rows), self.mode)
+
+    def _band(self, y0: int, y1: int) -> np.ndarray:
+        if y0 < self._top:
+            raise ValueError(f"rows from {y0} were already released (now at {self._top})")
+        if self._rows is not None:
+            self._rows = self._rows[y0 - self._top :]
+        self._top = y0
+        have = self._top + (0 if self._rows is None else len(self._rows))
+        parts = [] if self._rows is None else [self._rows]
+        width = self.size[0]
+        import pyvips
+
+        try:
+            while have < y1:
+                n = min(_READ_ROWS, y1 - have)
+                chunk = self._vips.crop(0, have, width, n).numpy()
+                parts.append(chunk.reshape(n, width, -1))
+                have += n
+        except pyvips.Error as e:  # a truncated or corrupt file, found mid-way
+            lines = [line for line in str(e).splitlines() if line.strip()]
+            reason = lines[-1].strip() if lines else "decoding failed"
+            raise DataError(f"{self.path}: cannot read image ({reason})") from None
+        self._rows = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        rows = self._rows[: y1 - y0]
+        return rows[..., 0] if rows.shape[2] == 1 else rows
+
+    def close(self) -> None:
+        if self._pil is not None:
+            self._pil.close()
+        self._vips = self._pil = self._rows = None
+
+    def __enter__(self) -> ImageRows:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _open_vips(rows: ImageRows, fmt: str | None, mode: str) -> str:
+    """Open ``rows.path`` with libvips where it decodes like Pillow; returns the PIL mode."""
+    if fmt not in _VIPS_FORMATS or mode not in _VIPS_MODES:
+        return mode
+    try:
+        import pyvips
+    except (ImportError, OSError):  # not installed, or its shared library is missing
+        return mode
+    try:
+        image = pyvips.Image.new_from_file(str(rows.path), access="sequential")
+    except pyvips.Error:
+        return mode  # Pillow read the header; let it decode (and report) the rest
+    as_mode = _VIPS_MODES[mode].get((image.bands, image.format))
+    if as_mode is None or (image.width, image.height) != rows.size:
+        return mode
+    rows._vips = image
+    return as_mode
+
+
+# ------------------------------------------------------------------------- streamed writing
+class PngRowWriter:
+    """Writes an 8-bit greyscale or RGB PNG whose rows arrive in bands, top to bottom.
+
+    Pillow, torchvision and libvips encode a PNG only from a whole image (or a libvips
+    pipeline), so a 12000 x 12000 mask would have to exist in memory first; the PNG format
+    itself is simple to stream (zlib-compressed rows in IDAT chunks), which is what this does.
+    Rows are stored with the "Sub" filter (each byte minus the one a pixel before), which
+    turns flat regions into zeros for zlib.
+    """
+
+    _CHUNK = 1 << 20  # IDAT payload per chunk
+
+    def __init__(self, f: BinaryIO, width: int, height: int, channels: int, level: int = 6):
+        if channels not in (1, 3):
+            raise ValueError(f"PngRowWriter writes 1 or 3 channels, not {channels}")
+        self.f, self.width, self.height, self.channels = f, width, height, channels
+        self.rows_written = 0
+        self._zlib = zlib.compressobj(level)
+        self._pending = bytearray()
+        f.write(b"\x89PNG\r\n\x1a\n")
+        colour_type = 0 if channels == 1 else 2
+        self._chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0))
+
+    def write(self, rows: np.ndarray) -> None:
+        """``rows``: n x W (greyscale) or n x W x 3 (RGB) uint8."""
+        n = rows.shape[0]
+        expected = (n, self.width) if self.channels == 1 else (n, self.width, 3)
+        if rows.shape != expected or rows.dtype != np.uint8:
+            raise ValueError(f"expected {expected} uint8 rows, got {rows.shape} {rows.dtype}")
+        if self.rows_written + n > self.height:
+            raise ValueError(f"more than {self.height} rows written")
+        flat = rows.reshape(n, -1)
+        filtered = np.empty((n, flat.shape[1] + 1), dtype=np.uint8)
+        filtered[:, 0] = 1  # filter type Sub
+        filtered[:, 1 : 1 + self.channels] = flat[:, : self.channels]
+        np.subtract(
+            flat[:, self.channels :],
+            flat[:, : -self.channels],
+            out=filtered[:, 1 + self.channels :],
+        )
+        self._pending += self._zlib.compress(filtered.tobytes())
+        self.rows_written += n
+        self._emit(final=False)
+
+    def close(self) -> None:
+        if self.rows_written != self.height:
+            raise ValueError(f"{self.rows_written} of {self.height} rows written")
+        self._pending += self._zlib.flush()
+        self._emit(final=True)
+        self._chunk(b"IEND", b"")
+
+    def _emit(self, final: bool) -> None:
+        while len(self._pending) >= self._CHUNK or (final and self._pending):
+            self._chunk(b"IDAT", bytes(self._pending[: self._CHUNK]))
+            del self._pending[: self._CHUNK]
+
+    def _chunk(self, kind: bytes, data: bytes) -> None:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        self.f.write(struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc))

@@ -22,10 +22,11 @@ from torch import Tensor, nn
 
 from .data.segmentation import IMAGE_EXTENSIONS, image_to_tensor, pil_to_array
 from .errors import CheckpointError, DataError
-from .fileio import atomic_write
+from .fileio import atomic_open, atomic_write
 from .hardware import autocast_context
-from .imageio import open_image
+from .imageio import ImageRows, PngRowWriter, open_image
 from .models import batch_statistics
+from .tiling import tiled_label_bands, tiled_labels, tiled_proba
 
 ImageLike = str | Path | Image.Image | np.ndarray | Tensor
 
@@ -344,11 +345,22 @@ class Segmenter:
     ) -> np.ndarray:
         """Sliding-window mask that never holds the whole image's probabilities.
 
-        Only the decoded image (in its own 8/16-bit form) and the mask are whole-image arrays;
-        each tile is scaled and normalised on its own, and the blended sums live one band of
-        tiles at a time (``tiled_labels``). TTA flips each tile."""
+        Each tile is scaled and normalised on its own and the blended sums live one band of
+        tiles at a time (``tiling.tiled_label_bands``); the mask is the only whole-image array
+        this adds. A file name is decoded band by band where libvips is installed
+        (``ImageRows``). TTA flips each tile."""
         if isinstance(image, str | Path):
-            image = load_image(image)
+            with ImageRows(image) as rows:
+                w, h = rows.size
+                return tiled_labels(
+                    self._tile_probs(self._file_window(rows), tta),
+                    h,
+                    w,
+                    tile,
+                    overlap,
+                    self.min_size,
+                    self.mask_dtype,
+                )
         if isinstance(image, Image.Image):
             # Crop each tile from the decoded image: no whole-image numpy copy.
             w, h = image.size
@@ -364,6 +376,20 @@ class Segmenter:
             def window(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
                 return np.ascontiguousarray(source[y0:y1, x0:x1])
 
+        tile_probs = self._tile_probs(window, tta)
+        return tiled_labels(tile_probs, h, w, tile, overlap, self.min_size, self.mask_dtype)
+
+    def _file_window(self, rows: ImageRows) -> Callable[[int, int, int, int], np.ndarray]:
+        def window(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+            return pil_to_array(rows.window(y0, y1, x0, x1), self.channels, rows.path)
+
+        return window
+
+    def _tile_probs(
+        self, window: Callable[[int, int, int, int], np.ndarray], tta: bool
+    ) -> Callable[[int, int, int, int], Tensor]:
+        """Probabilities of one window of the image (scaled and normalised on its own)."""
+
         def tile_probs(y0: int, y1: int, x0: int, x1: int) -> Tensor:
             x = self.preprocess(window(y0, y1, x0, x1))[None]
             p = self._probs(x)
@@ -371,7 +397,52 @@ class Segmenter:
                 p = 0.5 * (p + self._probs(x.flip(-1)).flip(-1))
             return p
 
-        return tiled_labels(tile_probs, h, w, tile, overlap, self.min_size, self.mask_dtype)
+        return tile_probs
+
+    def write_tiled(
+        self,
+        path: str | Path,
+        out_dir: Path,
+        name: str,
+        style: OverlayStyle,
+        save_overlay: bool,
+        tile: int,
+        overlap: int = 64,
+        tta: bool = False,
+    ) -> None:
+        """``predict --tile`` for one file: the outputs of ``write_outputs``, written band by
+        band as the sliding window finishes them.
+
+        Nothing whole-image is kept: the picture is decoded a band of rows at a time (with
+        libvips; see ``ImageRows``), and the mask, colour mask and overlay go to their PNG
+        files as their rows are done, so peak memory stays flat in the image's size. Each file
+        appears only when complete; a failure part-way leaves no partial output."""
+        if self.mask_dtype != np.uint8:
+            raise ValueError("band-by-band output needs at most 256 classes")
+        with ImageRows(path) as rows, contextlib.ExitStack() as files:
+            w, h = rows.size
+
+            def png(suffix: str, channels: int) -> PngRowWriter:
+                f = files.enter_context(atomic_open(out_dir / f"{name}{suffix}.png"))
+                return PngRowWriter(f, w, h, channels)
+
+            index, color = png("", 1), png("_color", 3)
+            blend = _BandedOverlay(png("_overlay", 3), style) if save_overlay else None
+            tile_probs = self._tile_probs(self._file_window(rows), tta)
+            bands = tiled_label_bands(tile_probs, h, w, tile, overlap, self.min_size)
+            for y0, labels in bands:
+                for a in range(0, labels.shape[0], _OUTPUT_ROWS):
+                    part = labels[a : a + _OUTPUT_ROWS]
+                    colored = colorize(part, style.colors)
+                    index.write(part)
+                    color.write(colored)
+                    if blend is not None:
+                        shown = display_rgb(rows.window(y0 + a, y0 + a + part.shape[0]))
+                        blend.add(shown, colored, part)
+            if blend is not None:
+                blend.finish()
+            for writer in (index, color) + ((blend.writer,) if blend else ()):
+                writer.close()
 
     def _source_array(self, image: np.ndarray | Tensor) -> np.ndarray:
         """An array or tensor input as H x W x C, not yet scaled."""
@@ -381,123 +452,6 @@ class Segmenter:
             x = x[None] if x.dim() == 2 else x
             return x.permute(1, 2, 0).numpy()
         return image if image.ndim == 3 else image[..., None]
-
-
-def _ramp(length: int, overlap: int, at_start: bool, at_end: bool) -> Tensor:
-    """1-D blending weights: 0 -> 1 over ``overlap`` pixels at interior edges, 1 elsewhere.
-
-    The outer quarter of the ramp is 0: predictions there lack context beyond the tile, and
-    the neighbouring tile (which overlaps by at least ``overlap``) covers those pixels well
-    inside itself.
-    """
-    w = torch.ones(length)
-    n = min(overlap, length // 2)
-    if n > 0:
-        t = (torch.arange(n, dtype=torch.float32) + 0.5) / n
-        ramp = ((t - 0.25) / 0.75).clamp(min=0)
-        if not at_start:
-            w[:n] = ramp
-        if not at_end:
-            w[length - n :] = ramp.flip(0)
-    return w
-
-
-def _starts(size: int, tile: int, stride: int, align: int) -> list[int]:
-    if size <= tile:
-        return [0]
-    starts, s = [], 0
-    while s + tile < size:
-        starts.append(s)
-        s += stride
-    final = ((size - tile) // align) * align  # the last tile runs to the border from here
-    if final > starts[-1]:
-        starts.append(final)
-    return starts
-
-
-def _tile_grid(h: int, w: int, tile: int, overlap: int, align: int) -> tuple[list[int], list[int]]:
-    """Tile origins (rows, columns) shared by ``tiled_proba`` and ``tiled_labels``."""
-    if tile < align:
-        raise ValueError(f"tile size {tile} is smaller than the model's minimum {align}")
-    if not 0 <= overlap < tile:
-        raise ValueError(f"overlap must be in [0, tile), got {overlap} for tile {tile}")
-    stride = max(align, ((tile - overlap) // align) * align)
-    return _starts(h, tile, stride, align), _starts(w, tile, stride, align)
-
-
-def tiled_proba(
-    probs_fn: Callable[[Tensor], Tensor], x: Tensor, tile: int, overlap: int, align: int = 32
-) -> Tensor:
-    """Sliding-window probabilities for one 1 x C x H x W image, blended in the overlaps.
-
-    Tile origins sit on multiples of ``align`` (2 ** number of poolings) so that every tile's
-    pooling grid coincides with the whole image's; the last row/column of tiles extends to the
-    border (a tile can be up to ``align - 1`` pixels larger than ``tile``). Only one tile's
-    activations exist at a time; the accumulators are K x H x W floats.
-    """
-    _, _, h, w = x.shape
-    ys, xs = _tile_grid(h, w, tile, overlap, align)
-    acc: Tensor | None = None
-    weight = torch.zeros(1, 1, h, w)
-    for i, y0 in enumerate(ys):
-        y1 = h if i == len(ys) - 1 else min(h, y0 + tile)
-        wy = _ramp(y1 - y0, overlap, y0 == 0, y1 == h)
-        for j, x0 in enumerate(xs):
-            x1 = w if j == len(xs) - 1 else min(w, x0 + tile)
-            wx = _ramp(x1 - x0, overlap, x0 == 0, x1 == w)
-            p = probs_fn(x[..., y0:y1, x0:x1])
-            if acc is None:
-                acc = torch.zeros(1, p.shape[1], h, w)
-            win = (wy[:, None] * wx[None, :])[None, None]
-            acc[..., y0:y1, x0:x1] += p * win
-            weight[..., y0:y1, x0:x1] += win
-    assert acc is not None
-    return acc / weight
-
-
-def tiled_labels(
-    tile_probs: Callable[[int, int, int, int], Tensor],
-    h: int,
-    w: int,
-    tile: int,
-    overlap: int,
-    align: int = 32,
-    dtype: Any = np.uint8,
-) -> np.ndarray:
-    """The class-index mask of a sliding-window prediction, streamed band by band.
-
-    ``tile_probs(y0, y1, x0, x1)`` returns the 1 x K x (y1 - y0) x (x1 - x0) probabilities of
-    that window. Tiles are those of ``tiled_proba`` and are blended the same way, so the mask
-    equals ``tiled_proba(...).argmax(1)``; but once a row of tiles is done, the rows above the
-    next row's start receive no more contributions, so they are reduced to class indices at
-    once. Only one band of K x (tile + overlap) x W sums exists at a time, instead of K x H x W
-    probabilities (44 bytes per pixel for 11 classes). The blending weights need no division:
-    each pixel's sum is scaled by a positive weight, which leaves its argmax unchanged.
-    """
-    ys, xs = _tile_grid(h, w, tile, overlap, align)
-    mask = np.empty((h, w), dtype=dtype)
-    acc: Tensor | None = None  # sums for rows [top, top + acc.shape[1])
-    top = 0
-    for i, y0 in enumerate(ys):
-        last_row = i == len(ys) - 1
-        y1 = h if last_row else min(h, y0 + tile)
-        wy = _ramp(y1 - y0, overlap, y0 == 0, y1 == h)
-        for j, x0 in enumerate(xs):
-            x1 = w if j == len(xs) - 1 else min(w, x0 + tile)
-            wx = _ramp(x1 - x0, overlap, x0 == 0, x1 == w)
-            p = tile_probs(y0, y1, x0, x1)[0]
-            if acc is None or acc.shape[1] < y1 - top:
-                grown = torch.zeros(p.shape[0], y1 - top, w)
-                if acc is not None:
-                    grown[:, : acc.shape[1]] = acc
-                acc = grown
-            acc[:, y0 - top : y1 - top, x0:x1] += p * (wy[:, None] * wx[None, :])
-        assert acc is not None
-        done = h if last_row else ys[i + 1]  # rows above the next row of tiles are final
-        mask[top:done] = acc[:, : done - top].argmax(0).numpy()
-        acc = acc[:, done - top :].clone()
-        top = done
-    return mask
 
 
 # --------------------------------------------------------------------------------- files
@@ -536,6 +490,37 @@ class OverlayStyle:
     alpha: float = 0.5
     skip_class: int | None = None
     outline: bool = False
+
+
+_OUTPUT_ROWS = 32  # rows coloured and blended at a time by ``write_tiled``
+
+
+class _BandedOverlay:
+    """``overlay`` applied band by band. A row's outline compares it with the row below, so
+    the last row of each band waits for the next band (or ``finish``)."""
+
+    def __init__(self, writer: PngRowWriter, style: OverlayStyle) -> None:
+        self.writer, self.style = writer, style
+        self._held: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def add(self, shown: np.ndarray, colored: np.ndarray, labels: np.ndarray) -> None:
+        if self._held is not None:
+            held = self._held
+            shown, colored, labels = (
+                np.concatenate([h, x]) for h, x in zip(held, (shown, colored, labels), strict=True)
+            )
+        self._write(shown, colored, labels, keep_last=True)
+        self._held = (shown[-1:], colored[-1:], labels[-1:])
+
+    def finish(self) -> None:
+        if self._held is not None:
+            self._write(*self._held, keep_last=False)
+            self._held = None
+
+    def _write(self, shown: np.ndarray, colored: np.ndarray, labels: np.ndarray, keep_last: bool):
+        s = self.style
+        out = overlay(shown, colored, s.alpha, labels, s.skip_class, s.outline)
+        self.writer.write(out[:-1] if keep_last else out)
 
 
 def write_outputs(
@@ -616,27 +601,20 @@ def predict_files(
     bar = tqdm(
         total=len(paths), desc="segment", unit="img", disable=not progress, dynamic_ncols=True
     )
-    stream = tile is not None and not save_probs  # bounded memory: no whole-image probs
+    # Large images under --tile go band by band to their files (bounded memory); --probs needs
+    # whole-image probabilities, and over 256 classes the mask is not 8-bit.
+    stream = tile is not None and not save_probs and segmenter.mask_dtype == np.uint8
     for path in paths:
         try:
-            image = load_image(path)
-            if stream and max(image.size) > tile:
+            if stream and max(open_image(path, header_only=True).size) > tile:
                 flush()
-                mask = segmenter.predict_tiled(image, tile, overlap, tta)
-                write_outputs(
-                    segmenter,
-                    mask,
-                    None,
-                    image,
-                    out_dir,
-                    unique_name(path),
-                    style,
-                    save_overlay,
-                    False,
+                segmenter.write_tiled(
+                    path, out_dir, unique_name(path), style, save_overlay, tile, overlap, tta
                 )
                 done += 1
                 bar.update(1)
                 continue
+            image = load_image(path)
             x = segmenter.preprocess(image)
         except (DataError, ValueError, OSError) as e:
             problems.append(str(e))
