@@ -5,10 +5,12 @@
 For each square size an RGB PNG is written once; then, each in a fresh process, the image is
 segmented with ``--tile 512 --overlap 64`` by
 
-- ``streamed``: ``tiramisu predict --tile`` as shipped (``Segmenter.predict_tiled``: per-tile
-  preprocessing, band-by-band blending straight into the mask), and
+- ``streamed``: ``tiramisu predict --tile --overlay`` as shipped (``Segmenter.write_tiled``):
+  the picture decoded band by band by libvips, labels finished column by column, and the mask,
+  colour mask and outlined overlay PNGs written row band by row band;
+- ``streamed_pillow``: the same without libvips (Pillow decodes the whole picture), and
 - ``probabilities``: the same tiles through ``predict_proba_batch`` (whole-image K x H x W
-  probabilities, then argmax; what ``--tile`` did before, and what ``--probs`` still needs),
+  probabilities, then argmax; what ``--tile`` did at first, and what ``--probs`` still needs),
 
 and the child's own peak resident memory (``VmHWM``, Linux) is reported, with each row's
 ratio to the smallest size in the same mode. The model is an FC-DenseNet with FC-DenseNet56's five
@@ -28,23 +30,26 @@ import time
 from pathlib import Path
 
 CHILD = r"""
-import sys, time
-import numpy as np
-from PIL import Image
-from tiramisu.inference import Segmenter, load_image
+import sys, tempfile, time
+from pathlib import Path
+from tiramisu import imageio
+from tiramisu.inference import OverlayStyle, Segmenter, load_image
 mode, weights, image_path, tile, overlap = sys.argv[1:6]
 seg = Segmenter.from_pretrained(weights)
 t0 = time.perf_counter()
-image = load_image(image_path)
-if mode == "streamed":
-    mask = seg.predict_tiled(image, int(tile), int(overlap))
+if mode in ("streamed", "streamed_pillow"):
+    if mode == "streamed_pillow":  # the same path with Pillow decoding the whole picture
+        imageio._VIPS_FORMATS = set()
+    style = OverlayStyle(list(seg.colors), 0.5, None, True)
+    with tempfile.TemporaryDirectory() as out:  # mask, colour mask and outlined overlay
+        seg.write_tiled(image_path, Path(out), "x", style, True, int(tile), int(overlap))
 else:
-    x = seg.preprocess(image)[None]
+    x = seg.preprocess(load_image(image_path))[None]
     mask = seg.predict_proba_batch(x, tile=int(tile), overlap=int(overlap))[0].argmax(0).numpy()
 seconds = time.perf_counter() - t0
 # VmHWM is this process's own peak; ru_maxrss would also count the parent's pages at fork.
 peak = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
-print(peak / 1024, seconds, mask.shape[0])
+print(peak / 1024, seconds)
 """
 
 
@@ -62,7 +67,9 @@ def make_image(path: Path, size: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1500, 3000, 6000, 12000])
-    parser.add_argument("--modes", nargs="+", default=["streamed", "probabilities"])
+    parser.add_argument(
+        "--modes", nargs="+", default=["streamed", "streamed_pillow", "probabilities"]
+    )
     parser.add_argument(
         "--max-probabilities-size",
         type=int,

@@ -107,7 +107,10 @@ _VIPS_MODES: dict[str, dict[tuple[int, str], str]] = {
     "I;16L": {(1, "ushort"): "I;16"},
 }
 _VIPS_FORMATS = {"PNG", "JPEG", "TIFF"}
-_READ_ROWS = 128  # rows per libvips request: small requests keep its buffers small
+# Rows per libvips request. Small requests keep its buffers small; every request starts on a
+# multiple of it, because a sequential reader refuses a request that starts inside the block of
+# lines (e.g. 16 for PNG) that an earlier one ended in.
+_READ_ROWS = 128
 
 
 class ImageRows:
@@ -147,7 +150,7 @@ class ImageRows:
         if self._pil is not None:
             return self._pil.crop((x0, y0, x1, y1))
         rows = self._band(y0, y1)[:, x0:x1]
-        return Image.fromarray(np.ascontiguousarray(rows), self.mode)
+        return Image.fromarray(np.ascontiguousarray(rows))  # uint8 L/LA/RGB/RGBA or I;16
 
     def _band(self, y0: int, y1: int) -> np.ndarray:
         if y0 < self._top:
@@ -162,7 +165,7 @@ class ImageRows:
 
         try:
             while have < y1:
-                n = min(_READ_ROWS, y1 - have)
+                n = min(_READ_ROWS, self.size[1] - have)  # whole steps: see _READ_ROWS
                 chunk = self._vips.crop(0, have, width, n).numpy()
                 parts.append(chunk.reshape(n, width, -1))
                 have += n
