@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_inference import tiny_config, tiny_model
 
 from tiramisu import imageio
 from tiramisu.cli import main
 from tiramisu.imageio import ImageRows, PngRowWriter
 from tiramisu.inference import OverlayStyle, Segmenter, write_outputs
-from tiramisu.models import FCDenseNet
 from tiramisu.pretrained import save_pretrained
 from tiramisu.tiling import tiled_label_bands, tiled_labels, tiled_proba
 
@@ -23,34 +23,9 @@ except (ImportError, OSError):
     HAVE_VIPS = False
 
 
-def tiny_segmenter(num_classes=5, in_channels=3):
-    torch.manual_seed(0)
-    model = FCDenseNet(
-        in_channels=in_channels,
-        num_classes=num_classes,
-        growth_rate=4,
-        down_blocks=(1, 1),
-        bottleneck_layers=1,
-        first_conv_channels=8,
-        dropout=0.0,
-    ).eval()
-    config = {
-        "library": "tiramisu",
-        "format_version": 1,
-        "task": "segmentation",
-        "architecture": "FCDenseNet",
-        "model_name": "tiny",
-        "model_config": model.config,
-        "classes": [f"c{i}" for i in range(num_classes)],
-        "colors": [[50 * i, 255 - 50 * i, 90] for i in range(num_classes)],
-        "ignore_index": 255,
-        "bn_eval": "running",
-        "preprocessing": {
-            "mean": [0.4] * in_channels,
-            "std": [0.3] * in_channels,
-            "channels": in_channels,
-        },
-    }
+def tiny_segmenter():
+    model = tiny_model(num_classes=5)
+    config = tiny_config(model, mean=[0.4] * 3, std=[0.3] * 3)
     return Segmenter(model, config), model, config
 
 
