@@ -120,6 +120,44 @@ def test_suffix_pairing_like_the_retina_set(tmp_path):
         split_files(bare["data"], "train")
 
 
+def test_pattern_pairing_when_names_differ_by_more_than_a_suffix(tmp_path):
+    binary_set(tmp_path, n=3, image_name="img_{i:03d}.png", mask_name="scan{i}_label.png")
+    both = {"val_images": "train/images", "val_masks": "train/masks"}
+    # One group is the key: '000' on both sides (the mask's group asks for three digits).
+    cfg = folder(
+        tmp_path, image_pattern=r"img_(\d+)", mask_pattern=r"scan(?P<key>\d+)_label", **both
+    )
+    with pytest.raises(DataError, match=r"img_000\.png: no mask with a stem matching .* '000'"):
+        split_files(cfg["data"], "train")
+    cfg = folder(tmp_path, image_pattern=r"img_0*(\d+)", mask_pattern=r"scan(\d+)_label", **both)
+    pairs = split_files(cfg["data"], "train").pairs
+    assert [(a.name, b.name) for a, b in pairs] == [
+        (f"img_{i:03d}.png", f"scan{i}_label.png") for i in range(3)
+    ]
+    # A file that the pattern does not describe is named, not silently skipped.
+    save(tmp_path / "train" / "masks" / "notes.png", np.zeros((4, 4), np.uint8))
+    with pytest.raises(DataError, match=r"notes\.png: the name does not match data\.mask_pattern"):
+        split_files(cfg["data"], "train")
+    clash = folder(tmp_path, image_pattern=r"img_(\d+)", image_suffix="_x", **both)
+    with pytest.raises(DataError, match="data.image_pattern and data.image_suffix"):
+        split_files(clash["data"], "train")
+
+
+@pytest.mark.parametrize(
+    ("pattern", "message"),
+    [
+        ("(a)(b)", "a regular expression with one group, or a group named 'key'"),
+        ("img_(", "a valid regular expression"),
+    ],
+)
+def test_bad_patterns_are_config_errors(pattern, message):
+    from tiramisu.errors import TiramisuError
+
+    with pytest.raises(TiramisuError, match=re.escape(f"data.image_pattern must be {message}")):
+        load_config(None, [f"data.image_pattern='{pattern}'"])
+    load_config(None, ["data.image_pattern='(?P<key>a)(b)'"])  # two groups, one named key
+
+
 def test_list_file_pairing(tmp_path):
     binary_set(tmp_path, n=3)
     (tmp_path / "train.csv").write_text(

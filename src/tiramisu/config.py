@@ -107,6 +107,25 @@ def text(optional: bool = False) -> Check:
     )
 
 
+def regex() -> Check:
+    """An optional regular expression for file stems, with at most one group (the pairing key)."""
+
+    def check(v: Any) -> str | None:
+        if v is None:
+            return None
+        if not isinstance(v, str):
+            return "a regular expression or null"
+        try:
+            compiled = re.compile(v)
+        except re.error as e:
+            return f"a valid regular expression ({e})"
+        if compiled.groups > 1 and "key" not in compiled.groupindex:
+            return "a regular expression with one group, or a group named 'key'"
+        return None
+
+    return check
+
+
 def number_list(length: int | None = None, optional: bool = False, positive=False) -> Check:
     def check(v: Any) -> str | None:
         if v is None and optional:
@@ -216,6 +235,13 @@ class DataConfig:
     val_regions: str | None = opt(None, "valid-region masks of the validation images", text(True))
     test_regions: str | None = opt(None, "valid-region masks of the test images", text(True))
     region_suffix: str = opt("", "stripped from region-mask names before pairing", text())
+    image_pattern: str | None = opt(
+        None,
+        "regex for image stems; its group (or group 'key') pairs, e.g. '(\\d+)_training'",
+        regex(),
+    )
+    mask_pattern: str | None = opt(None, "regex for mask stems, e.g. '(\\d+)_manual1'", regex())
+    region_pattern: str | None = opt(None, "regex for region-mask stems", regex())
     classes: list | None = opt(
         None, "class names for index masks (default class_0, ...)", string_list()
     )

@@ -3,7 +3,9 @@
 Three ways to pair, so that nobody has to rename their files:
 
 - folders, by name: ``images/21_training.tif`` with ``masks/21_manual1.gif`` once
-  ``data.image_suffix: _training`` and ``data.mask_suffix: _manual1`` are stripped from the stems;
+  ``data.image_suffix: _training`` and ``data.mask_suffix: _manual1`` are stripped from the stems,
+  or by the part of each stem that a regular expression picks out (``data.image_pattern:
+  'img_(\\d+)'`` with ``data.mask_pattern: '(\\d+)_label'``: its group, or its group ``key``);
 - a list file (``data.train_list``): one ``image,mask[,region]`` line per sample, paths relative
   to ``data.root`` (CSV with an optional header, or whitespace-separated TXT);
 - CamVid's SegNet layout (``train/`` with ``trainannot/``).
@@ -15,6 +17,7 @@ deterministic, seeded ``data.val_fraction`` of the training pairs is held out fo
 from __future__ import annotations
 
 import csv
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,19 +43,42 @@ def _resolve(root: Any, path: Any) -> Path:
     return p if p.is_absolute() or root is None else Path(root) / p
 
 
-def _key(path: Path, suffix: str) -> str:
-    stem = path.stem
-    return stem[: -len(suffix)] if suffix and stem.endswith(suffix) else stem
+@dataclass(frozen=True)
+class Naming:
+    """How one kind of file (image, mask, region mask) is named: the pairing key of a stem is
+    what is left without ``suffix``, or what ``pattern`` (matching the whole stem) captures."""
+
+    what: str  # image, mask, region mask
+    option: str  # the config key that sets it, for messages
+    suffix: str = ""
+    pattern: str | None = None
+
+    def key(self, path: Path) -> str:
+        stem = path.stem
+        if self.pattern is None:
+            return stem[: -len(self.suffix)] if self.suffix and stem.endswith(self.suffix) else stem
+        m = re.fullmatch(self.pattern, stem)
+        if m is None:
+            raise DataError(f"{path}: the name does not match {self.option} {self.pattern!r}")
+        if "key" in m.re.groupindex:
+            return m.group("key")
+        return m.group(1) if m.re.groups else m.group(0)
+
+    def describe(self, key: str) -> str:
+        """The name a partner with this key would have, for 'no mask named ...' errors."""
+        if self.pattern is not None:
+            return f"with a stem matching {self.pattern!r} that pairs as {key!r}"
+        return f"named {key}{self.suffix}.*"
 
 
-def _index(folder: Path, suffix: str, what: str) -> dict[str, Path]:
+def _index(folder: Path, naming: Naming) -> dict[str, Path]:
     if not folder.is_dir():
         raise DataError(f"{folder}: no such folder")
     found: dict[str, Path] = {}
     for p in list_images(folder):
-        key = _key(p, suffix)
+        key = naming.key(p)
         if key in found:
-            raise DataError(f"{p}: two {what}s pair as {key!r} (also {found[key].name})")
+            raise DataError(f"{p}: two {naming.what}s pair as {key!r} (also {found[key].name})")
         found[key] = p
     return found
 
@@ -60,36 +86,42 @@ def _index(folder: Path, suffix: str, what: str) -> dict[str, Path]:
 def pair_folders(
     image_dir: Path,
     mask_dir: Path,
-    image_suffix: str = "",
-    mask_suffix: str = "",
+    image_naming: Naming | None = None,
+    mask_naming: Naming | None = None,
     region_dir: Path | None = None,
-    region_suffix: str = "",
+    region_naming: Naming | None = None,
 ) -> tuple[list[tuple[Path, Path]], list[Path] | None]:
-    """Pair by file name after stripping the suffixes; a missing partner is an error."""
-    images = _index(image_dir, image_suffix, "image")
+    """Pair by the key of each file's name; a missing partner is an error."""
+    image_naming = image_naming or Naming("image", "data.image_pattern")
+    mask_naming = mask_naming or Naming("mask", "data.mask_pattern")
+    images = _index(image_dir, image_naming)
     if not images:
         raise DataError(f"{image_dir}: no images found")
-    masks = _index(mask_dir, mask_suffix, "mask")
-    hint = " (set data.image_suffix / data.mask_suffix if the names differ by a suffix)"
+    masks = _index(mask_dir, mask_naming)
+    hint = (
+        " (set data.image_suffix / data.mask_suffix, or data.image_pattern / data.mask_pattern, "
+        "if the names differ)"
+    )
     for key in sorted(images):
         if key not in masks:
             n = len(set(images) - set(masks))
             raise DataError(
-                f"{images[key]}: no mask named {key}{mask_suffix}.* in {mask_dir}"
+                f"{images[key]}: no mask {mask_naming.describe(key)} in {mask_dir}"
                 + (f" (and {n - 1} more unpaired)" if n > 1 else "")
                 + hint
             )
     for key in sorted(masks):
         if key not in images:
-            raise DataError(f"{masks[key]}: no image named {key}{image_suffix}.* in {image_dir}")
+            raise DataError(f"{masks[key]}: no image {image_naming.describe(key)} in {image_dir}")
     keys = sorted(images)
     regions = None
     if region_dir is not None:
-        found = _index(region_dir, region_suffix, "region mask")
+        region_naming = region_naming or Naming("region mask", "data.region_pattern")
+        found = _index(region_dir, region_naming)
         missing = [k for k in keys if k not in found]
         if missing:
             raise DataError(
-                f"{images[missing[0]]}: no region mask named {missing[0]}{region_suffix}.* "
+                f"{images[missing[0]]}: no region mask {region_naming.describe(missing[0])} "
                 f"in {region_dir}"
             )
         regions = [found[k] for k in keys]
@@ -155,11 +187,18 @@ def _explicit(data: dict[str, Any], split: str) -> tuple[list, list | None] | No
     return pair_folders(
         _resolve(root, images),
         _resolve(root, masks),
-        data.get("image_suffix") or "",
-        data.get("mask_suffix") or "",
+        _naming(data, "image"),
+        _naming(data, "mask"),
         _resolve(root, regions) if regions else None,
-        data.get("region_suffix") or "",
+        _naming(data, "region", "region mask"),
     )
+
+
+def _naming(data: dict[str, Any], kind: str, what: str | None = None) -> Naming:
+    pattern, suffix = data.get(f"{kind}_pattern"), data.get(f"{kind}_suffix") or ""
+    if pattern is not None and suffix:
+        raise DataError(f"data.{kind}_pattern and data.{kind}_suffix: give one or the other")
+    return Naming(what or kind, f"data.{kind}_pattern", suffix, pattern)
 
 
 def split_files(data: dict[str, Any], split: str) -> Split:
