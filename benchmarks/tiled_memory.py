@@ -8,7 +8,9 @@ segmented with ``--tile 512 --overlap 64`` by
 - ``streamed``: ``tiramisu predict --tile --overlay`` as shipped (``Segmenter.write_tiled``):
   the picture decoded band by band by libvips, labels finished column by column, and the mask,
   colour mask and outlined overlay PNGs written row band by row band;
-- ``streamed_pillow``: the same without libvips (Pillow decodes the whole picture), and
+- ``streamed_pillow``: the same without libvips (Pillow decodes the whole picture),
+- ``streamed_no_trim``: the same without handing freed memory back to the system after each
+  tile (``hardware.release_freed_memory``; glibc's heaps then grow with the number of tiles), and
 - ``probabilities``: the same tiles through ``predict_proba_batch`` (whole-image K x H x W
   probabilities, then argmax; what ``--tile`` did at first, and what ``--probs`` still needs),
 
@@ -32,14 +34,16 @@ from pathlib import Path
 CHILD = r"""
 import sys, tempfile, time
 from pathlib import Path
-from tiramisu import imageio
+from tiramisu import hardware, imageio
 from tiramisu.inference import OverlayStyle, Segmenter, load_image
 mode, weights, image_path, tile, overlap = sys.argv[1:6]
 seg = Segmenter.from_pretrained(weights)
 t0 = time.perf_counter()
-if mode in ("streamed", "streamed_pillow"):
+if mode.startswith("streamed"):
     if mode == "streamed_pillow":  # the same path with Pillow decoding the whole picture
         imageio._VIPS_FORMATS = set()
+    if mode == "streamed_no_trim":
+        hardware._malloc_trim = None
     style = OverlayStyle(list(seg.colors), 0.5, None, True)
     with tempfile.TemporaryDirectory() as out:  # mask, colour mask and outlined overlay
         seg.write_tiled(image_path, Path(out), "x", style, True, int(tile), int(overlap))
@@ -68,7 +72,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1500, 3000, 6000, 12000])
     parser.add_argument(
-        "--modes", nargs="+", default=["streamed", "streamed_pillow", "probabilities"]
+        "--modes",
+        nargs="+",
+        default=["streamed", "streamed_no_trim", "streamed_pillow", "probabilities"],
     )
     parser.add_argument(
         "--max-probabilities-size",

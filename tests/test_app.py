@@ -9,37 +9,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from helpers import tiny_pretrained
 from PIL import Image
 
 from tiramisu.app import SegmentationApp, class_areas, legend_html
 from tiramisu.inference import Segmenter, colorize, overlay
-from tiramisu.models import FCDenseNet
-from tiramisu.pretrained import save_pretrained
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    torch.manual_seed(0)
-    model = FCDenseNet(
-        num_classes=3,
-        growth_rate=4,
-        down_blocks=(1, 1),
-        bottleneck_layers=1,
-        first_conv_channels=8,
-    ).eval()
-    config = {
-        "architecture": "FCDenseNet",
-        "model_config": model.config,
-        "classes": ["sky", "road", "car"],
-        "colors": [[128, 128, 128], [128, 64, 128], [64, 0, 128]],
-        "ignore_index": 255,
-        "bn_eval": "batch",
-        "preprocessing": {"mean": None, "std": None, "channels": 3},
-    }
-    return save_pretrained(model, config, tmp_path_factory.mktemp("w") / "weights")
+    return tiny_pretrained(
+        tmp_path_factory.mktemp("w") / "weights",
+        bn_eval="batch",
+        classes=["sky", "road", "car"],
+        colors=[[128, 128, 128], [128, 64, 128], [64, 0, 128]],
+    )
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import stat
 
 import pytest
 import torch
+from helpers import tiny_pretrained
 
 from tiramisu.checkpoint import load_checkpoint
 from tiramisu.cli import main
@@ -15,8 +16,7 @@ from tiramisu.data import make_synthetic_dataset
 from tiramisu.errors import CheckpointError, TiramisuError
 from tiramisu.fileio import atomic_write_text
 from tiramisu.inference import Segmenter
-from tiramisu.models import FCDenseNet
-from tiramisu.pretrained import load_pretrained, save_pretrained
+from tiramisu.pretrained import load_pretrained
 from tiramisu.training import train
 from tiramisu.training.run_folder import RunLock
 
@@ -146,25 +146,10 @@ def test_crop_smaller_than_the_model_allows_is_an_error(scenes, tmp_path, capsys
 
 
 # ------------------------------------------------------------------------ pretrained configs
-def tiny_pretrained(tmp_path):
-    torch.manual_seed(0)
-    model = FCDenseNet(
-        num_classes=3,
-        growth_rate=4,
-        down_blocks=(1, 1),
-        bottleneck_layers=1,
-        first_conv_channels=8,
-    ).eval()
-    config = {
-        "architecture": "FCDenseNet",
-        "model_config": model.config,
-        "classes": ["a", "b", "c"],
-        "colors": [[0, 0, 0], [255, 0, 0], [0, 255, 0]],
-        "ignore_index": 255,
-        "bn_eval": "running",
-        "preprocessing": {"mean": None, "std": None, "channels": 3},
-    }
-    return save_pretrained(model, config, tmp_path / "w")
+def tiny_pretrained_folder(tmp_path):
+    return tiny_pretrained(
+        tmp_path / "w", classes=["a", "b", "c"], colors=[[0, 0, 0], [255, 0, 0], [0, 255, 0]]
+    )
 
 
 @pytest.mark.parametrize(
@@ -183,7 +168,7 @@ def tiny_pretrained(tmp_path):
     ],
 )
 def test_hostile_pretrained_configs_are_refused_before_building(tmp_path, change, message):
-    directory = tiny_pretrained(tmp_path)
+    directory = tiny_pretrained_folder(tmp_path)
     config = json.loads((directory / "config.json").read_text())
     for dotted, value in change.items():
         node = config
@@ -291,7 +276,7 @@ def test_a_decompression_bomb_among_predict_inputs_is_skipped(tmp_path, capsys):
     import numpy as np
     from PIL import Image
 
-    weights = tiny_pretrained(tmp_path)
+    weights = tiny_pretrained_folder(tmp_path)
     inputs = tmp_path / "in"
     inputs.mkdir()
     for name in ("a", "c"):

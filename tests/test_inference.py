@@ -4,6 +4,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_config, tiny_model
 from PIL import Image
 
 import tiramisu
@@ -11,44 +12,7 @@ from tiramisu.cli import main
 from tiramisu.errors import CheckpointError
 from tiramisu.export import export_onnx, export_torchscript
 from tiramisu.inference import Segmenter, colorize, tiled_proba
-from tiramisu.models import FCDenseNet
 from tiramisu.pretrained import load_pretrained, save_pretrained
-
-
-def tiny_model(num_classes=4, in_channels=3, down=(1, 1)):
-    torch.manual_seed(0)
-    model = FCDenseNet(
-        in_channels=in_channels,
-        num_classes=num_classes,
-        growth_rate=4,
-        down_blocks=down,
-        bottleneck_layers=1,
-        first_conv_channels=8,
-        dropout=0.0,
-    )
-    # Non-trivial running statistics, so that "running" and "batch" modes differ.
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.rand(2, in_channels, 32, 32))
-    return model.eval()
-
-
-def tiny_config(model, bn_eval="running", mean=None, std=None):
-    n = model.num_classes
-    return {
-        "library": "tiramisu",
-        "format_version": 1,
-        "task": "segmentation",
-        "architecture": "FCDenseNet",
-        "model_name": "tiny",
-        "model_config": model.config,
-        "classes": [f"c{i}" for i in range(n)],
-        "colors": [[40 * i, 255 - 40 * i, 7] for i in range(n)],
-        "ignore_index": 255,
-        "bn_eval": bn_eval,
-        "preprocessing": {"mean": mean, "std": std, "channels": model.in_channels},
-    }
 
 
 @pytest.fixture

@@ -1,19 +1,20 @@
 """Tiled prediction in bounded memory: band-by-band labels, decoding and PNG writing."""
 
 import io
+import itertools
 
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_config, tiny_model
 from PIL import Image
-from test_inference import tiny_config, tiny_model
 
 from tiramisu import imageio
 from tiramisu.cli import main
 from tiramisu.imageio import ImageRows, PngRowWriter
 from tiramisu.inference import OverlayStyle, Segmenter, write_outputs
 from tiramisu.pretrained import save_pretrained
-from tiramisu.tiling import tiled_label_bands, tiled_labels, tiled_proba
+from tiramisu.tiling import tile_grid, tiled_label_bands, tiled_labels, tiled_proba
 
 try:
     import pyvips  # noqa: F401
@@ -99,6 +100,26 @@ def test_label_bands_equal_the_whole_probability_argmax(h, w, tile, overlap, ali
     np.testing.assert_array_equal(tiled_labels(tile_probs, h, w, tile, overlap, align), reference)
 
 
+@pytest.mark.parametrize("size", [1500, 3000, 6000, 12000, 12345])
+def test_tile_grid_spreads_tiles_evenly(size):
+    # 512-pixel tiles, 64 overlap, 32-aligned: as many tiles as a 448 stride needs, spaced
+    # evenly (a last tile flush with the border could overlap its neighbour by 480 pixels).
+    starts, same = tile_grid(size, size, 512, 64, 32)
+    assert starts == same and starts[0] == 0
+    assert all(s % 32 == 0 for s in starts)
+    assert len(starts) == -(-(size - 512) // 448) + 1
+    overlaps = [a + 512 - b for a, b in itertools.pairwise(starts)]
+    assert min(overlaps) >= 64 and max(overlaps) - min(overlaps) <= 32
+    assert max(overlaps) <= (96 if size >= 6000 else 192)
+    assert 512 <= size - starts[-1] < 512 + 32  # the last tile runs to the border
+
+
+@pytest.mark.parametrize(("size", "tile", "overlap"), [(40, 64, 16), (64, 64, 0), (65, 64, 8)])
+def test_tile_grid_on_images_near_the_tile_size(size, tile, overlap):
+    starts, _ = tile_grid(size, size, tile, overlap, 32)
+    assert starts == [0]  # one tile, up to align - 1 pixels larger than asked
+
+
 # ----------------------------------------------------------------------- streamed reading
 def _images():
     rgb = scene(70, 53, seed=2)
@@ -150,6 +171,29 @@ def test_image_rows_decode_like_pillow(kind, fmt, use_vips, tmp_path, monkeypatc
             if rows.streamed:
                 with pytest.raises(ValueError, match="already released"):
                     rows.window(0, 10)
+
+
+@pytest.mark.skipif(not HAVE_VIPS, reason="pyvips is not installed (pip install tiramisu[large])")
+def test_image_rows_windows_in_any_rising_order(tmp_path, monkeypatch):
+    # Small read steps make the reused buffer shift, grow and skip rows many times.
+    monkeypatch.setattr(imageio, "_READ_ROWS", 32)
+    rgb = scene(600, 41, seed=5)
+    path = tmp_path / "tall.png"
+    Image.fromarray(rgb).save(path)
+    rng = np.random.default_rng(0)
+    seen = []
+    with ImageRows(path) as rows:
+        assert rows.streamed
+        y0 = 0
+        while y0 < 600:
+            y1 = min(600, y0 + int(rng.integers(1, 200)))
+            x0 = int(rng.integers(0, 20))
+            window = rows.window(y0, y1, x0, 41)
+            seen.append((window, rgb[y0:y1, x0:]))
+            y0 += int(rng.choice([0, 1, 17, 60, 250]))  # stay, creep, or jump past decoded rows
+    assert len(seen) >= 8
+    for window, want in seen:  # earlier windows are unchanged by later reads
+        np.testing.assert_array_equal(np.asarray(window), want)
 
 
 # --------------------------------------------------------------------- streamed outputs

@@ -9,6 +9,7 @@ has the measurements behind these defaults.
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Any
 
 import torch
@@ -65,3 +66,29 @@ def to_device(x: Tensor, device: torch.device, channels_last: bool = False) -> T
     if channels_last and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     return x
+
+
+def _load_malloc_trim() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None).malloc_trim  # glibc; musl (Alpine) has none
+    except (OSError, AttributeError):
+        return None
+
+
+_malloc_trim = _load_malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """Hand memory that the C allocator keeps after ``free`` back to the system (glibc only).
+
+    Each tile's forward pass allocates and frees a few hundred MB of activations on the CPU;
+    glibc keeps freed blocks in its heaps, and over hundreds of tiles their fragments add up,
+    so a long tiled prediction would grow well past what one tile needs. Trimming after each
+    tile keeps it flat; it costs well under a millisecond (BENCHMARKS.md, tiled memory).
+    """
+    if _malloc_trim is not None:
+        _malloc_trim(0)

@@ -133,7 +133,10 @@ class ImageRows:
         self.size: tuple[int, int] = header.size
         self._vips: Any = None
         self._pil: Image.Image | None = None
-        self._top = 0
+        # Decoded rows [_top, _top + _have) sit at the start of _rows, a buffer allocated once
+        # (grown only for a taller window) and shifted in place as rows are released.
+        self._top = self._have = 0
+        self._next = 0  # the next row libvips decodes (beyond _top + _have after a jump)
         self._rows: np.ndarray | None = None
         self.mode = _open_vips(self, header.format, header.mode)
         if self._vips is None:
@@ -150,32 +153,55 @@ class ImageRows:
         if self._pil is not None:
             return self._pil.crop((x0, y0, x1, y1))
         rows = self._band(y0, y1)[:, x0:x1]
-        return Image.fromarray(np.ascontiguousarray(rows))  # uint8 L/LA/RGB/RGBA or I;16
+        # A copy: the buffer is reused, and Pillow may share an array's memory.
+        return Image.fromarray(rows.copy())  # uint8 L/LA/RGB/RGBA or I;16
 
     def _band(self, y0: int, y1: int) -> np.ndarray:
         if y0 < self._top:
             raise ValueError(f"rows from {y0} were already released (now at {self._top})")
-        if self._rows is not None:
-            self._rows = self._rows[y0 - self._top :]
-        self._top = y0
-        have = self._top + (0 if self._rows is None else len(self._rows))
-        parts = [] if self._rows is None else [self._rows]
-        width = self.size[0]
+        self._release(y0)
+        width, height = self.size
         import pyvips
 
         try:
-            while have < y1:
-                n = min(_READ_ROWS, self.size[1] - have)  # whole steps: see _READ_ROWS
-                chunk = self._vips.crop(0, have, width, n).numpy()
-                parts.append(chunk.reshape(n, width, -1))
-                have += n
+            while self._next < y1:
+                start = self._next
+                n = min(_READ_ROWS, height - start)  # whole steps: see _READ_ROWS
+                chunk = self._vips.crop(0, start, width, n).numpy().reshape(n, width, -1)
+                self._next += n
+                skip = max(0, self._top - start)  # rows above y0 (a window that jumped ahead)
+                if skip < n:
+                    self._store(chunk[skip:], y1 - y0 + _READ_ROWS)
         except pyvips.Error as e:  # a truncated or corrupt file, found mid-way
             lines = [line for line in str(e).splitlines() if line.strip()]
             reason = lines[-1].strip() if lines else "decoding failed"
             raise DataError(f"{self.path}: cannot read image ({reason})") from None
-        self._rows = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        assert self._rows is not None
         rows = self._rows[: y1 - y0]
         return rows[..., 0] if rows.shape[2] == 1 else rows
+
+    def _release(self, y0: int) -> None:
+        """Forget rows above ``y0``, moving the kept ones to the buffer's start."""
+        drop = min(y0 - self._top, self._have)
+        keep = self._have - drop
+        if self._rows is not None and drop and keep:
+            # In steps of ``drop`` rows, so that source and destination never overlap
+            # (numpy would copy an overlapping source to a temporary first).
+            for a in range(0, keep, drop):
+                b = min(a + drop, keep)
+                self._rows[a:b] = self._rows[a + drop : b + drop]
+        self._top, self._have = y0, keep
+
+    def _store(self, chunk: np.ndarray, capacity: int) -> None:
+        """Append decoded rows after the kept ones."""
+        end = self._have + len(chunk)
+        if self._rows is None or len(self._rows) < end:
+            grown = np.empty((max(capacity, end), *chunk.shape[1:]), dtype=chunk.dtype)
+            if self._rows is not None:
+                grown[: self._have] = self._rows[: self._have]
+            self._rows = grown
+        self._rows[self._have : end] = chunk
+        self._have = end
 
     def close(self) -> None:
         if self._pil is not None:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from .data.segmentation import IMAGE_EXTENSIONS, image_to_tensor, pil_to_array
 from .errors import CheckpointError, DataError
 from .fileio import atomic_open, atomic_write
-from .hardware import autocast_context
+from .hardware import autocast_context, release_freed_memory
 from .imageio import ImageRows, PngRowWriter, open_image
 from .models import batch_statistics
 from .tiling import tiled_label_bands, tiled_labels, tiled_proba
@@ -395,6 +395,8 @@ class Segmenter:
             p = self._probs(x)
             if tta:
                 p = 0.5 * (p + self._probs(x.flip(-1)).flip(-1))
+            if self.device.type == "cpu":
+                release_freed_memory()  # the tile's activations: see its docstring
             return p
 
         return tile_probs

@@ -43,16 +43,19 @@ def _ramp(length: int, overlap: int, at_start: bool, at_end: bool) -> Tensor:
 
 
 def _starts(size: int, tile: int, stride: int, align: int) -> list[int]:
+    """Tile origins along one axis: as few tiles as ``stride`` allows, spread evenly.
+
+    Even spacing keeps every overlap near the requested one; appending a last tile flush with
+    the border would leave one overlap of up to ``tile - align`` pixels, which costs compute
+    and, in ``tiled_label_bands``, a carried strip that many rows high.
+    """
     if size <= tile:
         return [0]
-    starts, s = [], 0
-    while s + tile < size:
-        starts.append(s)
-        s += stride
-    final = ((size - tile) // align) * align  # the last tile runs to the border from here
-    if final > starts[-1]:
-        starts.append(final)
-    return starts
+    n = -(-(size - tile) // stride) + 1  # tiles needed at this stride
+    last = ((size - tile) // align) * align  # the last tile runs to the border from here
+    steps = last // align
+    # Gaps of floor or ceil(steps / (n - 1)) aligned steps: never more than the stride.
+    return list(dict.fromkeys(align * ((k * steps) // (n - 1)) for k in range(n)))
 
 
 def tile_grid(h: int, w: int, tile: int, overlap: int, align: int) -> tuple[list[int], list[int]]:
@@ -120,32 +123,45 @@ def tiled_label_bands(
     contributions are added in the same order as ``tiled_proba`` adds them.
     """
     ys, xs = tile_grid(h, w, tile, overlap, align)
-    carry: Tensor | None = None  # sums left by the previous row of tiles, from its own y0 on
+    # Buffers are allocated once and reused (tile after tile, row after row): allocating them
+    # afresh each time lets the allocator keep ever more of the freed ones, so that peak memory
+    # would creep up with the number of tiles.
+    carry = torch.empty(0)  # sums left by the previous row of tiles, from its ``done`` on
+    carry_rows = 0
+    most_carried = max(
+        (y1 - ys[i + 1] for i, (_, y1, _) in enumerate(_spans(ys, h, tile)) if i + 1 < len(ys)),
+        default=0,
+    )
+    sums: list[Tensor] = []
     for i, (y0, y1, last_row) in enumerate(_spans(ys, h, tile)):
         done = h if last_row else ys[i + 1]  # rows [y0, done) are final after this row
         wy = _ramp(y1 - y0, overlap, y0 == 0, y1 == h)
         labels = np.empty((done - y0, w), dtype=dtype)
-        next_carry: Tensor | None = None
         pending: Tensor | None = None  # sums of columns [x0, previous tile's x1)
         for j, (x0, x1, last_col) in enumerate(_spans(xs, w, tile)):
             p = tile_probs(y0, y1, x0, x1)[0]
-            local = torch.zeros(p.shape[0], y1 - y0, x1 - x0)
+            k = p.shape[0]
+            if not sums:
+                side = tile + align  # the last tile of a row or column may exceed ``tile``
+                # two accumulators (a tile's and its left neighbour's) and a product
+                sums = [torch.empty(k, side, side) for _ in range(3)]
+                carry = torch.empty(k, most_carried, w)
+            local = sums[j % 2][:, : y1 - y0, : x1 - x0].zero_()
             seen = 0 if pending is None else pending.shape[2]
             if pending is not None:
                 local[:, :, :seen] = pending
-            if carry is not None:  # each column takes the carried sums once, as it enters
-                local[:, : carry.shape[1], seen:] += carry[:, :, x0 + seen : x1]
+            if carry_rows:  # each column takes the carried sums once, as it enters
+                local[:, :carry_rows, seen:] += carry[:, :carry_rows, x0 + seen : x1]
             wx = _ramp(x1 - x0, overlap, x0 == 0, x1 == w)
-            local += p * (wy[:, None] * wx[None, :])
+            weighted = sums[2][:, : y1 - y0, : x1 - x0]  # the same products as ``tiled_proba``
+            local += torch.mul(p, wy[:, None] * wx[None, :], out=weighted)
             final = x1 - x0 if last_col else xs[j + 1] - x0  # columns [x0, x0 + final) are done
             labels[:, x0 : x0 + final] = local[:, : done - y0, :final].argmax(0).numpy()
-            if not last_row:
-                if next_carry is None:
-                    next_carry = torch.zeros(p.shape[0], y1 - done, w)
-                next_carry[:, :, x0 : x0 + final] = local[:, done - y0 :, :final]
+            if not last_row:  # in place: these columns' carried sums were all read above
+                carry[:, : y1 - done, x0 : x0 + final] = local[:, done - y0 :, :final]
             pending = local[:, :, final:]
         yield y0, labels
-        carry = next_carry
+        carry_rows = 0 if last_row else y1 - done
 
 
 def tiled_labels(
