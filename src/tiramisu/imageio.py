@@ -127,9 +127,12 @@ class ImageRows:
     decodes the whole picture first; the windows are then crops of it.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, header: Image.Image | None = None) -> None:
+        """``header``: what ``open_image(path, header_only=True)`` returned, if the caller has
+        it already (checking a large PNG reads the whole file)."""
         self.path = Path(path)
-        header = open_image(path, header_only=True)  # checks the pixel limit before decoding
+        if header is None:
+            header = open_image(path, header_only=True)  # checks the pixel limit first
         self.size: tuple[int, int] = header.size
         self._vips: Any = None
         self._pil: Image.Image | None = None

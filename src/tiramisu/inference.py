@@ -389,14 +389,16 @@ class Segmenter:
         self, window: Callable[[int, int, int, int], np.ndarray], tta: bool
     ) -> Callable[[int, int, int, int], Tensor]:
         """Probabilities of one window of the image (scaled and normalised on its own)."""
+        row = [-1]
 
         def tile_probs(y0: int, y1: int, x0: int, x1: int) -> Tensor:
+            if y0 != row[0] and self.device.type == "cpu":
+                release_freed_memory()  # the last row's activations: see its docstring
+            row[0] = y0
             x = self.preprocess(window(y0, y1, x0, x1))[None]
             p = self._probs(x)
             if tta:
                 p = 0.5 * (p + self._probs(x.flip(-1)).flip(-1))
-            if self.device.type == "cpu":
-                release_freed_memory()  # the tile's activations: see its docstring
             return p
 
         return tile_probs
@@ -411,6 +413,7 @@ class Segmenter:
         tile: int,
         overlap: int = 64,
         tta: bool = False,
+        header: Image.Image | None = None,
     ) -> None:
         """``predict --tile`` for one file: the outputs of ``write_outputs``, written band by
         band as the sliding window finishes them.
@@ -421,7 +424,7 @@ class Segmenter:
         appears only when complete; a failure part-way leaves no partial output."""
         if self.mask_dtype != np.uint8:
             raise ValueError("band-by-band output needs at most 256 classes")
-        with ImageRows(path) as rows, contextlib.ExitStack() as files:
+        with ImageRows(path, header) as rows, contextlib.ExitStack() as files:
             w, h = rows.size
 
             def png(suffix: str, channels: int) -> PngRowWriter:
@@ -608,10 +611,12 @@ def predict_files(
     stream = tile is not None and not save_probs and segmenter.mask_dtype == np.uint8
     for path in paths:
         try:
-            if stream and max(open_image(path, header_only=True).size) > tile:
+            header = open_image(path, header_only=True) if stream else None
+            if header is not None and tile is not None and max(header.size) > tile:
                 flush()
+                name = unique_name(path)
                 segmenter.write_tiled(
-                    path, out_dir, unique_name(path), style, save_overlay, tile, overlap, tta
+                    path, out_dir, name, style, save_overlay, tile, overlap, tta, header
                 )
                 done += 1
                 bar.update(1)
