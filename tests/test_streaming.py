@@ -196,6 +196,27 @@ def test_image_rows_windows_in_any_rising_order(tmp_path, monkeypatch):
         np.testing.assert_array_equal(np.asarray(window), want)
 
 
+@pytest.mark.skipif(not HAVE_VIPS, reason="pyvips is not installed (pip install tiramisu[large])")
+def test_image_rows_memory_does_not_grow_with_height(tmp_path):
+    import tracemalloc  # numpy reports its buffers to tracemalloc
+
+    def peak_reading(height: int) -> int:
+        path = tmp_path / f"{height}.png"
+        Image.fromarray(scene(height, 300, seed=1)).save(path, compress_level=1)
+        with ImageRows(path) as rows:
+            tracemalloc.start()
+            for y0 in range(0, height - 64, 48):  # overlapping windows, as rows of tiles read
+                rows.window(y0, y0 + 64)
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+        return peak
+
+    short, tall = peak_reading(600), peak_reading(2400)
+    band = (64 + 128) * 300 * 3  # one window plus one read step of RGB rows
+    assert short < 4 * band
+    assert tall < short * 1.05 + 4096
+
+
 # --------------------------------------------------------------------- streamed outputs
 @pytest.mark.parametrize("use_vips", [True, False])
 @pytest.mark.parametrize(("skip_class", "outline"), [(None, False), (0, True)])
