@@ -26,7 +26,7 @@ from .fileio import atomic_open, atomic_write
 from .hardware import autocast_context, release_freed_memory
 from .imageio import ImageRows, PngRowWriter, open_image
 from .models import batch_statistics
-from .tiling import tiled_label_bands, tiled_labels, tiled_proba
+from .tiling import tile_grid, tiled_label_bands, tiled_labels, tiled_proba
 
 ImageLike = str | Path | Image.Image | np.ndarray | Tensor
 
@@ -414,14 +414,17 @@ class Segmenter:
         overlap: int = 64,
         tta: bool = False,
         header: Image.Image | None = None,
+        progress: bool = False,
     ) -> None:
         """``predict --tile`` for one file: the outputs of ``write_outputs``, written band by
-        band as the sliding window finishes them.
+        band as the sliding window finishes them (``progress``: a bar counting tiles).
 
         Nothing whole-image is kept: the picture is decoded a band of rows at a time (with
         libvips; see ``ImageRows``), and the mask, colour mask and overlay go to their PNG
         files as their rows are done, so peak memory stays flat in the image's size. Each file
         appears only when complete; a failure part-way leaves no partial output."""
+        from tqdm import tqdm
+
         if self.mask_dtype != np.uint8:
             raise ValueError("band-by-band output needs at most 256 classes")
         with ImageRows(path, header) as rows, contextlib.ExitStack() as files:
@@ -433,7 +436,24 @@ class Segmenter:
 
             index, color = png("", 1), png("_color", 3)
             blend = _BandedOverlay(png("_overlay", 3), style) if save_overlay else None
-            tile_probs = self._tile_probs(self._file_window(rows), tta)
+            ys, xs = tile_grid(h, w, tile, overlap, self.min_size)
+            bar = files.enter_context(
+                tqdm(
+                    total=len(ys) * len(xs),
+                    desc=Path(path).name,
+                    unit="tile",
+                    leave=False,
+                    disable=not progress,
+                    dynamic_ncols=True,
+                )
+            )
+            probs = self._tile_probs(self._file_window(rows), tta)
+
+            def tile_probs(y0: int, y1: int, x0: int, x1: int) -> Tensor:
+                p = probs(y0, y1, x0, x1)
+                bar.update(1)
+                return p
+
             bands = tiled_label_bands(tile_probs, h, w, tile, overlap, self.min_size)
             for y0, labels in bands:
                 for a in range(0, labels.shape[0], _OUTPUT_ROWS):
@@ -616,7 +636,7 @@ def predict_files(
                 flush()
                 name = unique_name(path)
                 segmenter.write_tiled(
-                    path, out_dir, name, style, save_overlay, tile, overlap, tta, header
+                    path, out_dir, name, style, save_overlay, tile, overlap, tta, header, progress
                 )
                 done += 1
                 bar.update(1)
