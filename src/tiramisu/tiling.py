@@ -1,14 +1,15 @@
 """Sliding-window inference: the tile grid, blending weights and streamed label bands.
 
 Tile origins sit on multiples of ``align`` (2 ** number of poolings) so that every tile's pooling
-grid coincides with the whole image's; the last row/column of tiles extends to the border (a
-tile can be up to ``align - 1`` pixels larger than ``tile``). Overlaps are blended with linear
-ramps (``_ramp``).
+grid coincides with the whole image's, and are spread evenly, so that every overlap is between
+``overlap`` and ``overlap + align`` pixels on large images; the last row/column of tiles extends
+to the border (a tile can be up to ``align - 1`` pixels larger than ``tile``). Overlaps are
+blended with linear ramps (``_ramp``).
 
 ``tiled_proba`` keeps K x H x W sums (what ``--probs`` needs). ``tiled_label_bands`` gives the
 same argmax while keeping only one tile's sums, the strip of rows that the next row of tiles
 still overlaps, and one band of finished labels: its memory does not grow with the image's
-height, and grows with its width only by that strip (K x overlap x W floats).
+height, and grows with its width only by that strip (K x (overlap .. overlap + align) x W floats).
 """
 
 from __future__ import annotations
