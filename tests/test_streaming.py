@@ -191,6 +191,8 @@ def test_image_rows_windows_in_any_rising_order(tmp_path, monkeypatch):
             window = rows.window(y0, y1, x0, 41)
             seen.append((window, rgb[y0:y1, x0:]))
             y0 += int(rng.choice([0, 1, 17, 60, 250]))  # stay, creep, or jump past decoded rows
+        with pytest.raises(ValueError, match="outside"):
+            rows.window(599, 601)
     assert len(seen) >= 8
     for window, want in seen:  # earlier windows are unchanged by later reads
         np.testing.assert_array_equal(np.asarray(window), want)

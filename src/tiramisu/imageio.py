@@ -153,6 +153,8 @@ class ImageRows:
 
     def window(self, y0: int, y1: int, x0: int = 0, x1: int | None = None) -> Image.Image:
         x1 = self.size[0] if x1 is None else x1
+        if not (0 <= y0 < y1 <= self.size[1] and 0 <= x0 < x1 <= self.size[0]):
+            raise ValueError(f"window {(y0, y1, x0, x1)} is outside the {self.size} image")
         if self._pil is not None:
             return self._pil.crop((x0, y0, x1, y1))
         rows = self._band(y0, y1)[:, x0:x1]
