@@ -87,8 +87,9 @@ def release_freed_memory() -> None:
 
     Each tile's forward pass allocates and frees a few hundred MB of activations on the CPU;
     glibc keeps freed blocks in its heaps, and over hundreds of tiles their fragments add up,
-    so a long tiled prediction would grow well past what one tile needs. Trimming after each
-    tile keeps it flat; it costs well under a millisecond (BENCHMARKS.md, tiled memory).
+    so a long tiled prediction would grow well past what one tile needs. Trimming before each
+    row of tiles keeps it flat at 5-7 % of the time (the next forward pass faults its pages
+    back in); after every tile it cost 33 % (BENCHMARKS.md, tiled memory).
     """
     if _malloc_trim is not None:
         _malloc_trim(0)
