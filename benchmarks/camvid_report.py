@@ -36,8 +36,11 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def hardware(config: dict) -> str:
-    amp, cl = config["train"]["amp"], config["train"]["channels_last"]
+def hardware(config: dict, precision: dict | None) -> str:
+    # Checkpoints record the precision this machine resolved "auto" to; older ones only
+    # had it in the config.
+    chosen = precision or config["train"]
+    amp, cl = chosen["amp"], chosen["channels_last"]
     if torch.cuda.is_available():
         device = torch.cuda.get_device_name()
     else:
@@ -49,6 +52,7 @@ def report(run: Path, out: Path, command: str, status: str) -> dict:
     ckpt = load_checkpoint(run / "best.pt")
     last = load_checkpoint(run / "last.pt")
     config, history = last["config"], last["history"]
+    machine = hardware(config, last.get("precision"))
     metrics = ckpt["val_metrics"]
     name = config["model"]["name"]
     wall = sum(r.get("train_time_s", 0) + r.get("val_time_s", 0) for r in history)
@@ -71,7 +75,7 @@ def report(run: Path, out: Path, command: str, status: str) -> dict:
         f"{100 * metrics['mean_class_accuracy']:.2f} %",
         f"- training wall time so far: {wall / 3600:.2f} h (train + validation, summed over "
         f"epochs)",
-        f"- hardware: {hardware(config)}",
+        f"- hardware: {machine}",
         f"- recipe: configs/{Path(command.split('--config ')[-1].split()[0]).name}"
         if "--config " in command
         else "- recipe: see config.yaml",
@@ -100,7 +104,7 @@ def report(run: Path, out: Path, command: str, status: str) -> dict:
         "best_stage": best["stage"],
         "epochs_run": len(history),
         "wall_hours": wall / 3600,
-        "hardware": hardware(config),
+        "hardware": machine,
     }
 
 

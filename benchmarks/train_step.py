@@ -54,6 +54,10 @@ MODES = {
     "naive_fp32_tcmalloc": dict(
         memory_efficient=False, amp="none", channels_last=False, allocator="tcmalloc"
     ),
+    # fp32 in channels_last: the choice on CPUs without native bf16 (AVX2-only machines).
+    "naive_fp32_cl_tcmalloc": dict(
+        memory_efficient=False, amp="none", channels_last=True, allocator="tcmalloc"
+    ),
 }
 DEFAULT_MODES = [
     "naive_fp32",

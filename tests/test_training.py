@@ -323,3 +323,45 @@ def test_amp_and_channels_last_auto_resolve_per_device():
         assert torch.get_autocast_dtype("cpu") == torch.bfloat16
     with pytest.raises(Exception, match="auto, none, bf16 or fp16"):
         autocast_context(cpu, "fp8")
+
+
+def test_auto_precision_stays_auto_in_the_run_and_resolves_on_each_machine(
+    scenes, tmp_path, monkeypatch, capsys
+):
+    """A run started where bf16 is native and resumed on an AVX2-only CPU must switch to fp32
+    (emulated bf16 was 8x slower there); a forced bf16 on such a CPU warns."""
+    import yaml
+
+    import tiramisu.hardware as hardware
+    import tiramisu.training.trainer as trainer
+
+    def machine(native: bool) -> None:
+        for module in (hardware, trainer):
+            monkeypatch.setattr(module, "native_bf16", lambda device: native)
+
+    out = tmp_path / "run"
+    machine(True)
+    train(load_config(None, tiny_overrides(scenes, epochs=1)), out)
+    assert "amp bf16, channels_last True" in capsys.readouterr().out
+    stored = yaml.safe_load((out / "config.yaml").read_text())["train"]
+    assert (stored["amp"], stored["channels_last"]) == ("auto", "auto")
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["config"]["train"]["amp"] == "auto"
+    assert ckpt["precision"] == {"device": "cpu", "amp": "bf16", "channels_last": True}
+
+    machine(False)
+    train(load_config(None), out, resume=True, resume_overrides=["train.epochs=2"])
+    log = capsys.readouterr().out
+    assert "amp none, channels_last False" in log and "warning" not in log
+    assert load_checkpoint(out / "last.pt")["precision"]["amp"] == "none"
+
+    train(
+        load_config(None),
+        out,
+        resume=True,
+        resume_overrides=["train.epochs=3", "train.amp=bf16"],
+    )
+    log = capsys.readouterr().out
+    assert "warning: train.amp=bf16 but cpu has no native bf16" in log
+    assert load_checkpoint(out / "last.pt")["precision"]["amp"] == "bf16"
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["amp"] == "bf16"

@@ -42,10 +42,17 @@ def resolve_amp(device: torch.device, amp: Any) -> str:
             raise TiramisuError(f"amp must be auto, none, bf16 or fp16, got {amp!r}")
         return amp
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return "bf16"
-    return "none"
+        return "bf16" if native_bf16(device) else "fp16"
+    return "bf16" if native_bf16(device) else "none"
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 in hardware rather than emulating it."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
 
 
 def resolve_channels_last(channels_last: Any, amp: str) -> bool:

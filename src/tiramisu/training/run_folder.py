@@ -1,7 +1,8 @@
 """A run folder: checkpoints, history, TensorBoard scalars and curves, and who may write them.
 
 Layout: ``last.pt`` (the exact state to resume from) and ``best.pt`` (the best validation
-score so far), ``config.yaml`` (the resolved configuration), ``history.csv``/``history.jsonl``,
+score so far), ``config.yaml`` (the run's configuration; ``auto`` precision is resolved per
+machine and recorded in each checkpoint's ``precision``), ``history.csv``/``history.jsonl``,
 ``tensorboard/``, ``loss.png``/``miou.png`` (``error.png`` for classifiers)/``accuracy.png``,
 and after training ``metrics.json``, ``report_val.txt`` and ``confusion_matrix_val.png``.
 Every file is written atomically; an exclusive lock keeps a second run out of the folder.
