@@ -138,8 +138,8 @@ class Trainer:
         if amp == "fp16" and self.rt.device.type != "cuda":
             raise TiramisuError("train.amp=fp16 needs a CUDA GPU; use bf16 on CPU")
         if amp == "bf16" and not native_bf16(self.rt.device):
-            # Measured on a 2-core AVX2 EPYC (benchmarks/train_step.py, FC-DenseNet56 224x224):
-            # 28.3 s/step in emulated bf16 against 3.6 s/step in fp32.
+            # Measured on a 2-core AVX2 EPYC (BENCHMARKS.md, FC-DenseNet56 224x224): 34.5 s/step
+            # in emulated bf16 against 3.9 s/step in fp32.
             self.log(
                 f"warning: train.amp=bf16 but {self.rt.device} has no native bf16 "
                 "(AVX512-BF16/AMX, Ampere+): autocast emulates it, several times slower than "
