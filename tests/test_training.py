@@ -329,7 +329,7 @@ def test_auto_precision_stays_auto_in_the_run_and_resolves_on_each_machine(
     scenes, tmp_path, monkeypatch, capsys
 ):
     """A run started where bf16 is native and resumed on an AVX2-only CPU must switch to fp32
-    (emulated bf16 was 8x slower there); a forced bf16 on such a CPU warns."""
+    (emulated bf16 was 8.8x slower there); a forced bf16 on such a CPU warns."""
     import yaml
 
     import tiramisu.hardware as hardware

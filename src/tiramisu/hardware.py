@@ -41,9 +41,9 @@ def resolve_amp(device: torch.device, amp: Any) -> str:
         if amp not in AMP_MODES:
             raise TiramisuError(f"amp must be auto, none, bf16 or fp16, got {amp!r}")
         return amp
-    if device.type == "cuda":
-        return "bf16" if native_bf16(device) else "fp16"
-    return "bf16" if native_bf16(device) else "none"
+    if native_bf16(device):
+        return "bf16"
+    return "fp16" if device.type == "cuda" else "none"
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -57,6 +57,12 @@ def native_bf16(device: torch.device) -> bool:
 
 def resolve_channels_last(channels_last: Any, amp: str) -> bool:
     return amp != "none" if channels_last == "auto" else bool(channels_last)
+
+
+def resolve_precision(device: torch.device, amp: Any, channels_last: Any) -> tuple[str, bool]:
+    """A config's ``amp`` / ``channels_last`` (either may be ``auto``) -> this device's choice."""
+    amp = resolve_amp(device, amp)
+    return amp, resolve_channels_last(channels_last, amp)
 
 
 def autocast_context(device: torch.device, amp: Any) -> contextlib.AbstractContextManager:

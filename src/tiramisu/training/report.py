@@ -14,7 +14,7 @@ from ..config import RunConfig
 from ..data.builders import build_eval_dataset, make_loader
 from ..errors import CheckpointError
 from ..fileio import atomic_write_text
-from ..hardware import resolve_amp, resolve_channels_last, resolve_device
+from ..hardware import resolve_device, resolve_precision
 from ..metrics import PAPER_CAMVID, format_report
 from ..models import build_model
 from .loop import evaluate
@@ -161,7 +161,8 @@ def evaluate_checkpoint(
     load_model_state(model, ckpt["model"], "checkpoint")
     model.to(dev)
     tcfg = config.train
-    amp = resolve_amp(dev, tcfg.amp)  # "auto" in the checkpoint: this machine's choice
+    # "auto" in the checkpoint: this machine's choice
+    amp, channels_last = resolve_precision(dev, tcfg.amp, tcfg.channels_last)
     loader = make_loader(dataset, tcfg.eval_batch_size, dev, workers=config.data.num_workers)
     metrics = evaluate(
         model,
@@ -171,7 +172,7 @@ def evaluate_checkpoint(
         dev,
         bn_eval=tcfg.bn_eval,
         amp=amp,
-        channels_last=resolve_channels_last(tcfg.channels_last, amp),
+        channels_last=channels_last,
         progress=not quiet,
     )
     metrics.pop("loss", None)

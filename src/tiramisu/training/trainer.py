@@ -19,7 +19,7 @@ from ..checkpoint import FORMAT, load_checkpoint, rng_state, set_rng_state
 from ..config import RunConfig, TrainConfig
 from ..data.builders import build_run_data, make_loader, with_crop
 from ..errors import TiramisuError
-from ..hardware import native_bf16, resolve_amp, resolve_channels_last
+from ..hardware import native_bf16, resolve_precision
 from ..imageio import set_max_pixels
 from ..models import build_model
 from .loop import EpochStats, evaluate, train_one_epoch
@@ -133,8 +133,10 @@ class Trainer:
         return changed
 
     def _resolve_precision(self, config: RunConfig) -> RunConfig:
-        """``auto`` amp / channels_last -> this device's choice, recorded in config.yaml."""
-        amp = resolve_amp(self.rt.device, config.train.amp)
+        """``auto`` amp / channels_last -> this device's choice (recorded as ``precision``)."""
+        amp, channels_last = resolve_precision(
+            self.rt.device, config.train.amp, config.train.channels_last
+        )
         if amp == "fp16" and self.rt.device.type != "cuda":
             raise TiramisuError("train.amp=fp16 needs a CUDA GPU; use bf16 on CPU")
         if amp == "bf16" and not native_bf16(self.rt.device):
@@ -148,7 +150,7 @@ class Trainer:
         train = dataclasses.replace(
             config.train,
             amp=amp,
-            channels_last=resolve_channels_last(config.train.channels_last, amp),
+            channels_last=channels_last,
         )
         return dataclasses.replace(config, train=train)
 
