@@ -365,3 +365,46 @@ def test_auto_precision_stays_auto_in_the_run_and_resolves_on_each_machine(
     assert "warning: train.amp=bf16 but cpu has no native bf16" in log
     assert load_checkpoint(out / "last.pt")["precision"]["amp"] == "bf16"
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["amp"] == "bf16"
+
+
+def test_cpu_bf16_is_native_only_with_avx512_bf16_or_amx(monkeypatch):
+    """oneDNN calls bf16 "supported" on any AVX512 CPU, where it is emulated (1.6x slower than
+    fp32 for a FC-DenseNet56 step on an AVX512 Xeon without AVX512-BF16): auto must pick fp32."""
+    import tiramisu.hardware as hardware
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+
+    def cpu_has(x86: bool, avx512_bf16: bool, amx: bool) -> None:
+        monkeypatch.setattr(torch.cpu, "_is_avx2_supported", lambda: x86)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+
+    cpu_has(x86=True, avx512_bf16=False, amx=False)
+    assert hardware.native_bf16(cpu) is False
+    assert hardware.resolve_precision(cpu, "auto", "auto") == ("none", False)
+    cpu_has(x86=True, avx512_bf16=True, amx=False)
+    assert hardware.resolve_precision(cpu, "auto", "auto") == ("bf16", True)
+    cpu_has(x86=True, avx512_bf16=False, amx=True)
+    assert hardware.native_bf16(cpu) is True
+    cpu_has(x86=False, avx512_bf16=False, amx=False)  # e.g. an ARM CPU: oneDNN's answer stands
+    assert hardware.native_bf16(cpu) is True
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert hardware.native_bf16(cpu) is False
+
+
+@pytest.mark.parametrize("through_cli", [False, True])
+def test_cli_flushes_subnormals_in_every_worker_thread(through_cli):
+    """Subnormal weights made a trained model's CPU step 6x slower; the CLI turns them into zeros
+    before PyTorch starts its threads, so a parallel kernel (2^20 elements) sees zeros too."""
+    probe = (
+        "import torch\n"
+        + ("from tiramisu.cli import main\nmain(['list'])\n" if through_cli else "")
+        + "torch.set_num_threads(2)\n"
+        + "x = torch.full((1 << 20,), 1e-39)\n"
+        + "print('nonzero', int((x * 1.0).count_nonzero()))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout
+    assert f"nonzero {0 if through_cli else 1 << 20}" in out

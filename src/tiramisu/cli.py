@@ -444,6 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .hardware import flush_denormals
+
+    flush_denormals()
     try:
         return int(args.func(args) or 0)
     except (TiramisuError, ValueError, FileNotFoundError, PermissionError, OSError) as e:

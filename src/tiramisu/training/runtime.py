@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-from ..hardware import resolve_device
+from ..hardware import flush_denormals, resolve_device
 
 
 @dataclass
@@ -46,6 +46,7 @@ def setup_runtime(device: str = "auto") -> Runtime:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device)
+    flush_denormals()  # for library callers; effective on threads started from here on
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local_rank if world_size > 1 else torch.cuda.current_device())
     if dev.type == "cuda":
