@@ -88,6 +88,19 @@ def test_publish_writes_fp16_weights_with_hashes_and_public_permissions(zoo_root
     assert stat.S_IMODE(os.stat(weights).st_mode) & 0o044 == 0o044  # group/others can read
 
 
+def test_republishing_the_same_checkpoint_gives_the_same_bytes(zoo_root, trained_run):
+    """The index pins SHA-256s: republishing unchanged weights must not change them (the
+    safetensors metadata map was written in a random order)."""
+    hashes = set()
+    for _ in range(4):
+        entry = zoo.publish(
+            trained_run / "best.pt", "tiny-scenes", dataset="synthetic", recipe="x", root=zoo_root
+        )
+        hashes.add(entry.sha256["model.safetensors"])
+    assert hashes == {zoo.load_index(zoo_root)["tiny-scenes"].sha256["model.safetensors"]}
+    assert len(hashes) == 1
+
+
 def test_load_by_name_matches_the_training_checkpoint(zoo_root, trained_run):
     by_name = tiramisu.from_pretrained("tiny-scenes")
     from_ckpt = Segmenter.load(trained_run / "best.pt")

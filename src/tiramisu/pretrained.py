@@ -250,7 +250,10 @@ def save_pretrained(
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     atomic_write_from(
         directory / WEIGHTS_NAME,
-        lambda tmp: save_file(state, tmp, metadata={"format": "pt", "library": "tiramisu"}),
+        # One metadata key only: safetensors writes the metadata map in a random order, so two
+        # keys made republishing the same weights change the file's SHA-256 (config.json names
+        # the library).
+        lambda tmp: save_file(state, tmp, metadata={"format": "pt"}),
     )
     atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2))
     readme = directory / "README.md"
