@@ -138,28 +138,33 @@ def write_index(out: Path) -> None:
     (out / "README.md").write_text("\n".join(rows) + "\n\n" + GPU_PLAN)
 
 
-# What a session lent the `device` GPU machine has to plan around, worked out on 2026-11-23
-# (sizes measured here; the limits are the device tool's).
+# What a session lent the `device` GPU machine has to plan around, worked out on 2026-11-23 and
+# revised on 2026-12-02 when device time per session fell to 15 minutes (sizes measured here;
+# the limits are the device tool's).
 GPU_PLAN = """\
 ## What the untrained sets need: a session with a GPU
 
-FC-DenseNet67/103 are out of reach of a 2-core CPU (FC-DenseNet56 takes 4-10 min per epoch
-here). A session lent the `device` machine (30 min of device time, 10 min per command, at most
-64 MiB of working tree in, at most 8 files of 16 MiB back) has to plan around sizes:
+FC-DenseNet67/103 are out of reach of a 2-core CPU (FC-DenseNet56 takes 4-11 min per epoch
+here). A session lent the `device` machine (15 min of device time including its start of a few
+minutes, 10 min per command, at most 64 MiB of working tree in, at most 8 files of 16 MiB back)
+has to plan around sizes and minutes:
 
 - The tracked tree is ~27 MB. CamVid's PNGs (122 MB) do not travel; train + val re-encoded as
   JPEG quality 95 without chroma subsampling are ~29 MB plus 2.6 MB of label PNGs, which fits
   (carry an ignored folder and pass `--data-root` to it). Report the final figures from
   `tiramisu evaluate --checkpoint ... --data-root ../shared/datasets/camvid` on the original PNGs.
 - The exact resume state (fp32 weights + RMSprop state) is ~12 MB for FC-DenseNet56, ~28 MB for
-  FC-DenseNet67 and ~75 MB for FC-DenseNet103: 56 and 67 can continue from session to session,
-  103 cannot pass through at all. Train 103 in one detached process (`setsid nohup ...`) that
-  lives across consecutive commands on the warm machine for ~25 min with `train.max_minutes`,
-  and bring back its weights (fp32 ~38 MB) split into parts under 16 MiB.
-- First command: the CUDA figures nobody has measured (step time, images/s,
-  `torch.cuda.max_memory_allocated`, naive vs memory-efficient, bf16):
+  FC-DenseNet67 and ~75 MB for FC-DenseNet103: 56 and 67 can go in and come back, 103 cannot
+  pass through at all (bring back its fp32 weights, ~38 MB, split into parts under 16 MiB).
+- About 10 minutes of GPU compute per session: first the CUDA figures nobody has measured
+  (step time, images/s, `torch.cuda.max_memory_allocated`, naive vs memory-efficient, bf16),
+  about 2 minutes:
   `python benchmarks/train_step.py --device cuda --models fcdensenet103 --sizes 224x224 360x480
-  --modes naive_fp32 efficient_fp32 naive_bf16_cl efficient_bf16_cl --json $OUT/cuda_step.json`.
+  --modes naive_fp32 efficient_fp32 naive_bf16_cl efficient_bf16_cl --json $OUT/cuda_step.json`;
+  then one chunk of the FC-DenseNet56 run (`--resume` on `weights/camvid_fcdensenet56`, which
+  is tracked and travels with the tree, `train.max_minutes` ending it inside the command's
+  limit), its run folder copied to `$OUT` and back over `weights/` here (GPU epoch time: not
+  measured yet).
 """
 
 
