@@ -163,8 +163,8 @@ has to plan around sizes and minutes:
   --modes naive_fp32 efficient_fp32 naive_bf16_cl efficient_bf16_cl --json $OUT/cuda_step.json`;
   then one chunk of the FC-DenseNet56 run (`--resume` on `weights/camvid_fcdensenet56`, which
   is tracked and travels with the tree, `train.max_minutes` ending it inside the command's
-  limit), its run folder copied to `$OUT` and back over `weights/` here (GPU epoch time: not
-  measured yet).
+  limit), its run folder tarred and split into parts under 16 MiB in `$OUT` (~25 MB in all)
+  and unpacked over `weights/` here (GPU epoch time: not measured yet).
 """
 
 
