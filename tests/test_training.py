@@ -308,10 +308,10 @@ def test_demo_leaves_a_complete_run_folder(tmp_path):
 
 
 def test_amp_and_channels_last_auto_resolve_per_device():
-    from tiramisu.hardware import autocast_context, resolve_amp, resolve_channels_last
+    from tiramisu.hardware import autocast_context, native_bf16, resolve_amp, resolve_channels_last
 
     cpu = torch.device("cpu")
-    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    native = native_bf16(cpu)  # which CPUs count: test_cpu_bf16_is_native_only_with_...
     assert resolve_amp(cpu, "auto") == ("bf16" if native else "none")
     assert resolve_amp(cpu, "none") == "none" and resolve_amp(cpu, "bf16") == "bf16"
     amp = resolve_amp(cpu, "auto")
