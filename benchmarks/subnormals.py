@@ -27,32 +27,20 @@ from pathlib import Path
 import torch
 from train_step import find_allocator  # benchmarks/train_step.py
 
-
-def count_subnormal(tensors: list[torch.Tensor]) -> int:
-    """float32 values with a zero exponent and a non-zero mantissa, read from the bits: with
-    subnormals flushed, float comparisons see them as zero."""
-    total = 0
-    for t in tensors:
-        if t.dtype == torch.float32:
-            bits = t.detach().contiguous().view(torch.int32)
-            total += int(((bits & 0x7F800000) == 0).logical_and_((bits & 0x007FFFFF) != 0).sum())
-    return total
-
-
 TREATMENTS = ("kept", "zeroed", "flushed")
 
 
-def zero_subnormals_(tensors: list[torch.Tensor]) -> None:
-    for t in tensors:
-        if t.dtype == torch.float32:
-            bits = t.detach().view(torch.int32)
-            t.detach().masked_fill_((bits & 0x7F800000) == 0, 0.0)
+def count_subnormal(tensors: list[torch.Tensor]) -> int:
+    from tiramisu.hardware import subnormal_mask
+
+    return sum(int(subnormal_mask(t).sum()) for t in tensors if t.dtype == torch.float32)
 
 
 def worker(checkpoint: str, workload: str, treatment: str, steps: int) -> dict:
     if treatment == "flushed":
         torch.set_flush_denormal(True)  # before the first parallel op, as the CLI does
     from tiramisu.checkpoint import load_checkpoint
+    from tiramisu.hardware import zero_subnormals_
     from tiramisu.models.registry import build_architecture
 
     ckpt = load_checkpoint(checkpoint)
@@ -65,7 +53,7 @@ def worker(checkpoint: str, workload: str, treatment: str, steps: int) -> dict:
     state = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
     subnormal_state = count_subnormal(state)
     if treatment == "zeroed":
-        zero_subnormals_(params + list(model.buffers()) + state)
+        zero_subnormals_([*params, *model.buffers(), *state])
     classes = len(ckpt["labels"]) if ckpt.get("labels") else 11
     gen = torch.Generator().manual_seed(0)
     if workload == "train_step":

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from .data.segmentation import IMAGE_EXTENSIONS, image_to_tensor, pil_to_array
 from .errors import CheckpointError, DataError
 from .fileio import atomic_open, atomic_write
-from .hardware import autocast_context, release_freed_memory
+from .hardware import autocast_context, release_freed_memory, zero_subnormals_
 from .imageio import ImageRows, PngRowWriter, open_image
 from .models import batch_statistics
 from .tiling import tile_grid, tiled_label_bands, tiled_labels, tiled_proba
@@ -193,6 +193,8 @@ class Segmenter:
         self.is_onnx = isinstance(model, OnnxModel)
         if not self.is_onnx:
             self.model = model.to(self.device).eval()
+            if self.device.type == "cpu":
+                zero_subnormals_(self.model)
             if channels_last:
                 self.model = self.model.to(memory_format=torch.channels_last)
         # The compiled wrapper only runs the forward; self.model stays the plain module, so
