@@ -395,7 +395,7 @@ def test_cpu_bf16_is_native_only_with_avx512_bf16_or_amx(monkeypatch):
 
 @pytest.mark.parametrize("through_cli", [False, True])
 def test_cli_flushes_subnormals_in_every_worker_thread(through_cli):
-    """Subnormal weights made a trained model's CPU step 6x slower; the CLI turns them into zeros
+    """Subnormals made a trained model's CPU step 7.4x slower; the CLI turns them into zeros
     before PyTorch starts its threads, so a parallel kernel (2^20 elements) sees zeros too."""
     probe = (
         "import torch\n"

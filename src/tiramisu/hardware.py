@@ -50,12 +50,13 @@ def resolve_amp(device: torch.device, amp: Any) -> str:
 def flush_denormals() -> bool:
     """Make this process's CPU arithmetic treat subnormal floats as zero; False where unsupported.
 
-    Weight decay and RMSprop's running averages drive long-trained weights and optimizer state into
-    subnormal range (FC-DenseNet56 after 106 CamVid epochs: 0.48 M subnormal weights), and x86 CPUs
-    compute on subnormals through a slow microcode path: a training step took 24 s instead of 4 s
-    on an AVX512 Xeon. Values below 1.2e-38 carry nothing a network can use. The flag lives in each
-    thread's MXCSR and new threads copy it from their creator, so this must run before the first
-    parallel operation starts PyTorch's worker threads (the CLI calls it first thing).
+    Long training leaves weights and optimizer state in subnormal range (FC-DenseNet56 after 106
+    CamVid epochs: 0.48 M subnormal weights) and keeps producing subnormals in gradients, and some
+    x86 CPUs compute on them through a slow path: a training step took 24.3 s instead of 3.3 s on
+    an AVX512 Xeon (benchmarks/subnormals.py). Values below 1.2e-38 carry nothing a network can
+    use. The flag lives in each thread's MXCSR and new threads copy it from their creator, so this
+    must run before the first parallel operation starts PyTorch's worker threads (the CLI calls it
+    first thing).
     """
     return bool(torch.set_flush_denormal(True))
 
