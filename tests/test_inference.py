@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_config, tiny_model
+from helpers import tiny_config, tiny_model, tiny_pretrained
 from PIL import Image
 
 import tiramisu
@@ -17,8 +17,7 @@ from tiramisu.pretrained import load_pretrained, save_pretrained
 
 @pytest.fixture
 def pretrained(tmp_path):
-    model = tiny_model()
-    return save_pretrained(model, tiny_config(model, bn_eval="batch"), tmp_path / "weights")
+    return tiny_pretrained(tmp_path / "weights", num_classes=4, bn_eval="batch")
 
 
 def test_save_and_load_pretrained_round_trip(pretrained):

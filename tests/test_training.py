@@ -366,6 +366,17 @@ def test_auto_precision_stays_auto_in_the_run_and_resolves_on_each_machine(
     assert load_checkpoint(out / "last.pt")["precision"]["amp"] == "bf16"
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["amp"] == "bf16"
 
+    train(
+        load_config(None),
+        out,
+        resume=True,
+        resume_overrides=["train.epochs=4", "train.amp=none", "train.channels_last=true"],
+    )
+    log = capsys.readouterr().out
+    assert "amp none, channels_last True" in log
+    assert "warning: train.channels_last=true in fp32 on the CPU" in log
+    assert load_checkpoint(out / "last.pt")["precision"]["channels_last"] is True
+
 
 def test_cpu_bf16_is_native_only_with_avx512_bf16_or_amx(monkeypatch):
     """oneDNN calls bf16 "supported" on any AVX512 CPU, where it is emulated (1.6x slower than

@@ -147,6 +147,13 @@ class Trainer:
                 "(AVX512-BF16/AMX, Ampere+): autocast emulates it, several times slower than "
                 "fp32; --set train.amp=auto picks this machine's fastest precision"
             )
+        if channels_last and amp == "none" and self.rt.device.type == "cpu":
+            # Runs started on a bf16 machine may carry an explicit ``true`` from that machine;
+            # in fp32 on a 2-core AVX2 EPYC it made a training step 1.25x slower (BENCHMARKS.md).
+            self.log(
+                "warning: train.channels_last=true in fp32 on the CPU, which oneDNN runs slower "
+                "than the default layout; --set train.channels_last=auto uses it only with bf16"
+            )
         train = dataclasses.replace(
             config.train,
             amp=amp,
