@@ -149,22 +149,25 @@ here). A session lent the `device` machine (15 min of device time including its 
 minutes, 10 min per command, at most 64 MiB of working tree in, at most 8 files of 16 MiB back)
 has to plan around sizes and minutes:
 
-- The tracked tree is ~27 MB. CamVid's PNGs (122 MB) do not travel; train + val re-encoded as
-  JPEG quality 95 without chroma subsampling are ~29 MB plus 2.6 MB of label PNGs, which fits
-  (carry an ignored folder and pass `--data-root` to it). Report the final figures from
-  `tiramisu evaluate --checkpoint ... --data-root ../shared/datasets/camvid` on the original PNGs.
+- The tracked tree is ~27 MB. CamVid's PNGs (119 MB) do not travel;
+  `python benchmarks/pack_camvid.py ../shared/datasets/camvid .camvid_pack` re-encodes train +
+  val as JPEG quality 92 without chroma subsampling (29 MB, PSNR >= 38.5 dB) beside the label
+  PNGs (3.8 MB): 33 MB, which fits when carried (`.camvid_pack` in `.git/info/exclude`). The
+  published figures come from `tiramisu evaluate --checkpoint ... --data-root
+  ../shared/datasets/camvid` on the original PNGs, here.
 - The exact resume state (fp32 weights + RMSprop state) is ~12 MB for FC-DenseNet56, ~28 MB for
-  FC-DenseNet67 and ~75 MB for FC-DenseNet103: 56 and 67 can go in and come back, 103 cannot
-  pass through at all (bring back its fp32 weights, ~38 MB, split into parts under 16 MiB).
-- About 10 minutes of GPU compute per session: first the CUDA figures nobody has measured
-  (step time, images/s, `torch.cuda.max_memory_allocated`, naive vs memory-efficient, bf16),
-  about 2 minutes:
-  `python benchmarks/train_step.py --device cuda --models fcdensenet103 --sizes 224x224 360x480
-  --modes naive_fp32 efficient_fp32 naive_bf16_cl efficient_bf16_cl --json $OUT/cuda_step.json`;
-  then one chunk of the FC-DenseNet56 run (`--resume` on `weights/camvid_fcdensenet56`, which
-  is tracked and travels with the tree, `train.max_minutes` ending it inside the command's
-  limit), its run folder tarred and split into parts under 16 MiB in `$OUT` (~25 MB in all)
-  and unpacked over `weights/` here (GPU epoch time: not measured yet).
+  FC-DenseNet67 and ~75 MB for FC-DenseNet103: 56 goes in and comes back; 67 does not fit
+  beside the tree and the packed data (27 + 28 + 33 MB > 64 MiB), and 103 cannot pass through
+  at all (a session could bring back its fp32 weights, ~38 MB, in parts under 16 MiB).
+- One prepared call does the session's work: `run(command="bash benchmarks/gpu_session.sh",
+  carry=[".camvid_pack"], timeout_s=590)` first measures the CUDA figures nobody has measured
+  (`benchmarks/train_step.py --device cuda`: step time, images/s, `torch.cuda.max_memory_allocated`,
+  naive vs memory-efficient, fp32 vs bf16, FC-DenseNet103 and 56, about 2-3 minutes), then
+  resumes the FC-DenseNet56 run (`weights/camvid_fcdensenet56` is tracked and travels) with
+  `train.whole_epochs=true` and `train.max_minutes` set to what is left, so the chunk ends
+  between epochs inside the command's limit, and tars the run folder into parts under 16 MiB
+  in `$OUT`. Back here: `cat FILES_AT/run.tar.part-* | tar -x -C weights/`, then this report
+  with `--publish` (GPU epoch time: not measured yet).
 """
 
 

@@ -237,11 +237,28 @@ def test_binary_metrics_on_a_hand_computed_matrix():
 
 
 # ----------------------------------------------------------------------------- budget
+def fake_clock(monkeypatch, *modules) -> None:
+    """Every look at the clock by these modules is one "second" later. Replacing their ``time``
+    rather than ``time.monotonic`` keeps other threads (tqdm's monitor, Event.wait) from
+    advancing it, which made the count depend on the machine's load."""
+    import types
+
+    now = [0.0]
+
+    def look() -> float:
+        now[0] += 1.0
+        return now[0]
+
+    for module in modules:
+        monkeypatch.setattr(
+            module, "time", types.SimpleNamespace(monotonic=look, perf_counter=look)
+        )
+
+
 def test_time_budget_stops_mid_epoch(tmp_path, monkeypatch, capsys):
     import tiramisu.training.runtime as runtime
 
-    clock = iter(range(0, 10_000))  # every look at the clock is one "second" later
-    monkeypatch.setattr(runtime.time, "monotonic", lambda: float(next(clock)))
+    fake_clock(monkeypatch, runtime)
     binary_set(tmp_path, n=8)
     cfg = load_config(
         None,
@@ -265,6 +282,37 @@ def test_time_budget_stops_mid_epoch(tmp_path, monkeypatch, capsys):
     assert len(rows) <= 3 and rows[-1].get("partial_epoch") is True
     assert "time budget of 0.1 minutes used up" in capsys.readouterr().out
     assert (tmp_path / "run" / "metrics.json").is_file()
+
+
+def test_time_budget_with_whole_epochs_stops_between_epochs(tmp_path, monkeypatch, capsys):
+    """A run trained in chunks (the GPU sessions) must not cut an epoch short: each chunk would
+    otherwise add a partial epoch and an extra learning-rate decay to the schedule."""
+    import tiramisu.training.loop as loop
+    import tiramisu.training.runtime as runtime
+    import tiramisu.training.trainer as trainer
+
+    fake_clock(monkeypatch, loop, runtime, trainer)
+    binary_set(tmp_path, n=8)
+    overrides = [
+        f"data.root={tmp_path}",
+        "data.dataset=folder",
+        "data.classes=[bg, fg]",
+        "data.crop_size=[32, 32]",
+        TINY,
+        "model.name=fcdensenet56",
+        "train.epochs=100",
+        "train.amp=none",
+        "train.batch_size=2",
+        "train.max_minutes=1",
+        "train.whole_epochs=true",
+    ]
+    train(load_config(None, overrides), tmp_path / "run")
+    rows = [json.loads(x) for x in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    assert 2 <= len(rows) < 100
+    assert not any(row.get("partial_epoch") for row in rows)
+    log = capsys.readouterr().out
+    assert f"time budget: epoch {len(rows) + 1} would take about" in log
+    assert "stopping between epochs" in log and "used up" not in log
 
 
 # ----------------------------------------------------------------------------- channels

@@ -374,6 +374,12 @@ class TrainConfig:
         "wall-clock budget: stop mid-epoch when it runs out, then validate",
         number(0, None, True, lo_open=True),
     )
+    whole_epochs: bool = opt(
+        False,
+        "with max_minutes: start an epoch only if the previous one's time still fits, so that "
+        "no epoch is cut short (a chunked run then follows the schedule exactly)",
+        boolean(),
+    )
 
 
 @dataclass(frozen=True)

@@ -81,6 +81,7 @@ class Trainer:
         self.rt = rt
         self.quiet = quiet
         self.val_seconds = 0.0  # the last validation's duration, kept free of the time budget
+        self.train_seconds = 0.0  # the last epoch's training time in this process
 
     def log(self, *parts: Any) -> None:
         if not self.quiet and self.rt.is_main:
@@ -246,6 +247,8 @@ class Trainer:
             sampler=ShardSampler(len(self.data["val"]), self.rt.rank, self.rt.world_size),
         )
         for epoch in range(start, scfg.epochs):
+            if not self._next_epoch_fits(deadline, scfg, epoch):
+                return False
             loader = self._train_loader(train_ds, scfg, index, epoch)
             stats = train_one_epoch(
                 model,
@@ -265,6 +268,7 @@ class Trainer:
                     f"time budget of {self.config.train.max_minutes} minutes used up; stopping"
                 )
                 return False
+            self.train_seconds = stats.seconds
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
             record = self._record(stage, epoch, lr, stats)
@@ -293,6 +297,22 @@ class Trainer:
                 )
                 break
         return True
+
+    def _next_epoch_fits(self, deadline: Deadline, scfg: TrainConfig, epoch: int) -> bool:
+        """With ``train.whole_epochs``, whether the previous epoch's time is still left."""
+        if not self.config.train.whole_epochs or not self.train_seconds:
+            # The first epoch of a process has no measure of its own (a resumed run's history
+            # may come from other hardware); the in-epoch deadline check still guards it.
+            return True
+        validates = (epoch + 1) % scfg.val_every == 0 or epoch + 1 == scfg.epochs
+        needed = self.train_seconds + (self.val_seconds if validates else 0.0)
+        if not deadline.expired(reserve_s=needed):
+            return True
+        self.log(
+            f"time budget: epoch {epoch + 1} would take about {needed:.0f} s and "
+            f"{max(deadline.remaining_s(), 0):.0f} s are left; stopping between epochs"
+        )
+        return False
 
     def _restore(
         self, state: dict[str, Any], optimizer: Any, scheduler: Any, scaler: Any, scfg: TrainConfig
