@@ -255,28 +255,30 @@ def fake_clock(monkeypatch, *modules) -> None:
         )
 
 
+def budget_run(tmp_path, *overrides: str) -> list[dict]:
+    """Train a tiny binary model for at most 100 epochs under ``overrides``; the history rows."""
+    binary_set(tmp_path, n=8)
+    common = [
+        f"data.root={tmp_path}",
+        "data.dataset=folder",
+        "data.classes=[bg, fg]",
+        "data.crop_size=[32, 32]",
+        TINY,
+        "model.name=fcdensenet56",
+        "train.epochs=100",
+        "train.amp=none",
+        "train.batch_size=2",
+    ]
+    train(load_config(None, [*common, *overrides]), tmp_path / "run")
+    lines = (tmp_path / "run" / "history.jsonl").read_text().splitlines()
+    return [json.loads(x) for x in lines]
+
+
 def test_time_budget_stops_mid_epoch(tmp_path, monkeypatch, capsys):
     import tiramisu.training.runtime as runtime
 
     fake_clock(monkeypatch, runtime)
-    binary_set(tmp_path, n=8)
-    cfg = load_config(
-        None,
-        [
-            f"data.root={tmp_path}",
-            "data.dataset=folder",
-            "data.classes=[bg, fg]",
-            "data.crop_size=[32, 32]",
-            TINY,
-            "model.name=fcdensenet56",
-            "train.epochs=100",
-            "train.amp=none",
-            "train.batch_size=2",
-            "train.max_minutes=0.1",
-        ],
-    )
-    train(cfg, tmp_path / "run")
-    rows = [json.loads(x) for x in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    rows = budget_run(tmp_path, "train.max_minutes=0.1")
     # 6 "seconds" of budget, one clock look per step (3 steps per epoch): it ends within the
     # third epoch, which is validated and recorded as partial.
     assert len(rows) <= 3 and rows[-1].get("partial_epoch") is True
@@ -292,22 +294,7 @@ def test_time_budget_with_whole_epochs_stops_between_epochs(tmp_path, monkeypatc
     import tiramisu.training.trainer as trainer
 
     fake_clock(monkeypatch, loop, runtime, trainer)
-    binary_set(tmp_path, n=8)
-    overrides = [
-        f"data.root={tmp_path}",
-        "data.dataset=folder",
-        "data.classes=[bg, fg]",
-        "data.crop_size=[32, 32]",
-        TINY,
-        "model.name=fcdensenet56",
-        "train.epochs=100",
-        "train.amp=none",
-        "train.batch_size=2",
-        "train.max_minutes=1",
-        "train.whole_epochs=true",
-    ]
-    train(load_config(None, overrides), tmp_path / "run")
-    rows = [json.loads(x) for x in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    rows = budget_run(tmp_path, "train.max_minutes=1", "train.whole_epochs=true")
     assert 2 <= len(rows) < 100
     assert not any(row.get("partial_epoch") for row in rows)
     log = capsys.readouterr().out

@@ -273,7 +273,7 @@ class Trainer:
             scheduler.step()
             record = self._record(stage, epoch, lr, stats)
             metrics, improved = None, False
-            if (epoch + 1) % scfg.val_every == 0 or epoch + 1 == scfg.epochs or stats.stopped_early:
+            if _validates_at(scfg, epoch) or stats.stopped_early:
                 metrics = self._validate(val_loader, scfg, record)
                 score = (
                     metrics["global_accuracy"] if scfg.monitor == "accuracy" else metrics["miou"]
@@ -304,8 +304,7 @@ class Trainer:
             # The first epoch of a process has no measure of its own (a resumed run's history
             # may come from other hardware); the in-epoch deadline check still guards it.
             return True
-        validates = (epoch + 1) % scfg.val_every == 0 or epoch + 1 == scfg.epochs
-        needed = self.train_seconds + (self.val_seconds if validates else 0.0)
+        needed = self.train_seconds + (self.val_seconds if _validates_at(scfg, epoch) else 0.0)
         if not deadline.expired(reserve_s=needed):
             return True
         self.log(
@@ -457,3 +456,8 @@ def epoch_line(r: dict[str, Any]) -> str:
             f"acc {100 * r['val_accuracy']:.2f}"
         )
     return line
+
+
+def _validates_at(scfg: TrainConfig, epoch: int) -> bool:
+    """Whether 0-based ``epoch`` ends with a validation (every ``val_every``, and the last)."""
+    return (epoch + 1) % scfg.val_every == 0 or epoch + 1 == scfg.epochs
