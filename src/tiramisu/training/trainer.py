@@ -264,31 +264,13 @@ class Trainer:
             )
             if stats.stopped_early and stats.images == 0:
                 # Out of time before this epoch's first step: nothing new to validate or save.
-                self.log(
-                    f"time budget of {self.config.train.max_minutes} minutes used up; stopping"
-                )
+                self._log_budget_used()
                 return False
-            self.train_seconds = stats.seconds
-            lr = optimizer.param_groups[0]["lr"]
-            scheduler.step()
-            record = self._record(stage, epoch, lr, stats)
-            metrics, improved = None, False
-            if _validates_at(scfg, epoch) or stats.stopped_early:
-                metrics = self._validate(val_loader, scfg, record)
-                score = (
-                    metrics["global_accuracy"] if scfg.monitor == "accuracy" else metrics["miou"]
-                )
-                improved = tracker.update(score, epoch + 1, stage)
-            stop = tracker.exhausted(scfg.patience)
-            checkpoint = self._checkpoint(
-                stage, epoch, optimizer, scheduler, scaler, tracker, stop, metrics
+            stop = self._end_epoch(
+                stage, epoch, stats, (optimizer, scheduler, scaler), tracker, val_loader
             )
-            self.folder.record_epoch(record, checkpoint, improved, self.config.task)
-            self.log(epoch_line(record))
             if stats.stopped_early or deadline.expired(reserve_s=0.0):
-                self.log(
-                    f"time budget of {self.config.train.max_minutes} minutes used up; stopping"
-                )
+                self._log_budget_used()
                 return False
             if stop:
                 self.log(
@@ -297,6 +279,38 @@ class Trainer:
                 )
                 break
         return True
+
+    def _end_epoch(
+        self,
+        stage: str,
+        epoch: int,
+        stats: EpochStats,
+        state: tuple[Any, Any, Any],
+        tracker: BestTracker,
+        val_loader: Any,
+    ) -> bool:
+        """Schedule, validate, checkpoint and log a trained epoch; True if patience ran out."""
+        optimizer, scheduler, scaler = state
+        scfg = self.config.stage(stage)
+        self.train_seconds = stats.seconds
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        record = self._record(stage, epoch, lr, stats)
+        metrics, improved = None, False
+        if _validates_at(scfg, epoch) or stats.stopped_early:
+            metrics = self._validate(val_loader, scfg, record)
+            score = metrics["global_accuracy"] if scfg.monitor == "accuracy" else metrics["miou"]
+            improved = tracker.update(score, epoch + 1, stage)
+        stop = tracker.exhausted(scfg.patience)
+        checkpoint = self._checkpoint(
+            stage, epoch, optimizer, scheduler, scaler, tracker, stop, metrics
+        )
+        self.folder.record_epoch(record, checkpoint, improved, self.config.task)
+        self.log(epoch_line(record))
+        return stop
+
+    def _log_budget_used(self) -> None:
+        self.log(f"time budget of {self.config.train.max_minutes} minutes used up; stopping")
 
     def _next_epoch_fits(self, deadline: Deadline, scfg: TrainConfig, epoch: int) -> bool:
         """With ``train.whole_epochs``, whether the previous epoch's time is still left."""
