@@ -18,12 +18,15 @@ import platform
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
-from tiramisu import zoo
+from tiramisu import Segmenter, zoo
 from tiramisu.checkpoint import load_checkpoint
-from tiramisu.data import CAMVID_CLASSES
+from tiramisu.data import CAMVID_CLASSES, CAMVID_COLORS
 from tiramisu.hardware import flush_denormals
+from tiramisu.inference import colorize, legend_image
 from tiramisu.metrics import PAPER_CAMVID, format_report
 
 
@@ -49,7 +52,36 @@ def hardware(config: dict, precision: dict | None) -> str:
     return f"{device}; torch {torch.__version__}; amp {amp}, channels_last {cl}"
 
 
-def report(run: Path, out: Path, command: str, status: str) -> dict:
+def examples(segmenter: Segmenter, data_root: Path, dest: Path, count: int = 4) -> list[str]:
+    """A grid of validation frames: photo | ground truth | prediction, at half resolution.
+
+    The frames are spread evenly over the sorted val split (so every report shows the same
+    ones); void pixels are black in the ground truth. Returns the frame names.
+    """
+    frames = sorted((data_root / "val").glob("*.png"))
+    if not frames:
+        raise SystemExit(f"camvid_report: {data_root / 'val'}: no frames for the examples")
+    picked = [frames[round(i * (len(frames) - 1) / max(count - 1, 1))] for i in range(count)]
+    rows = []
+    for frame in picked:
+        photo = np.asarray(Image.open(frame).convert("RGB"))
+        truth = np.asarray(Image.open(data_root / "valannot" / frame.name))
+        prediction = segmenter.predict(photo)
+        cells = [photo, colorize(truth, CAMVID_COLORS), colorize(prediction, CAMVID_COLORS)]
+        rows.append(np.concatenate(cells, axis=1))
+    grid = Image.fromarray(np.concatenate(rows, axis=0))
+    grid = grid.resize((grid.width // 2, grid.height // 2), Image.Resampling.BILINEAR)
+    legend = Image.fromarray(legend_image(list(CAMVID_CLASSES), CAMVID_COLORS))
+    canvas = Image.new("RGB", (grid.width + legend.width, grid.height), "white")
+    canvas.paste(grid, (0, 0))
+    canvas.paste(legend, (grid.width, 0))
+    grid = canvas
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(dest, quality=85)
+    return [f.stem for f in picked]
+
+
+def report(run: Path, out: Path, command: str, status: str, data_root: Path) -> dict:
     ckpt = load_checkpoint(run / "best.pt")
     last = load_checkpoint(run / "last.pt")
     config, history = last["config"], last["history"]
@@ -96,6 +128,16 @@ def report(run: Path, out: Path, command: str, status: str) -> dict:
         f"![loss]({name}/loss.png) ![val mIoU]({name}/miou.png)",
         "",
     ]
+    if (data_root / "val").is_dir():
+        # The weights as users get them: best.pt through the same Segmenter as `predict`.
+        shown = examples(Segmenter.load(run / "best.pt"), data_root, figures / "examples.jpg")
+        lines += [
+            f"Validation frames {', '.join(shown)} (columns: image, ground truth with void in "
+            "black, prediction of the best epoch):",
+            "",
+            f"![examples]({name}/examples.jpg)",
+            "",
+        ]
     (out / f"{name}.md").write_text("\n".join(lines))
     return {
         "model": name,
@@ -179,9 +221,15 @@ def main() -> None:
     parser.add_argument("--publish", action="store_true", help="export best.pt as the named set")
     parser.add_argument("--command", required=True, help="the command that trains/continues it")
     parser.add_argument("--status", default="", help="a sentence on how far the run is")
+    parser.add_argument(
+        "--data-root",
+        type=Path,
+        default=Path("../shared/datasets/camvid"),
+        help="CamVid, for the example predictions (skipped when it has no val/ folder)",
+    )
     args = parser.parse_args()
     flush_denormals()  # as the CLI does: the checkpoint's subnormal weights slow some CPUs down
-    summary = report(args.run, args.out, args.command, args.status)
+    summary = report(args.run, args.out, args.command, args.status, args.data_root)
     (args.out / f"{summary['model']}.json").write_text(json.dumps(summary, indent=2) + "\n")
     if args.publish:
         index = zoo.load_index()
