@@ -109,17 +109,39 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
-    from .training import evaluate_checkpoint
+    from .pretrained import is_training_checkpoint
+    from .training import evaluate_checkpoint, evaluate_pretrained
 
-    ckpt = load_checkpoint(args.checkpoint)
-    out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval_{args.split}"
-    evaluate_checkpoint(
-        ckpt,
+    json_path = Path(args.json) if args.json else None
+    if is_training_checkpoint(args.checkpoint):
+        if args.config:
+            raise TiramisuError(
+                f"{args.checkpoint}: --config is for exported weights; a training checkpoint "
+                "carries its own data config (--data-root points it at another copy)"
+            )
+        out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval_{args.split}"
+        evaluate_checkpoint(
+            load_checkpoint(args.checkpoint),
+            args.split,
+            data_root=args.data_root,
+            out_dir=out,
+            json_path=json_path,
+            device=args.device,
+            tta=args.tta,
+        )
+        return 0
+    # Exported weights may be a shipped name or live inside the installed package: the
+    # report goes to the working directory, never beside them.
+    name = Path(str(args.checkpoint).rstrip("/")).name.replace("/", "_")
+    evaluate_pretrained(
+        args.checkpoint,
         args.split,
         data_root=args.data_root,
-        out_dir=out,
-        json_path=Path(args.json) if args.json else None,
+        data_config=args.config,
+        out_dir=Path(args.out) if args.out else Path(f"eval_{name}_{args.split}"),
+        json_path=json_path,
         device=args.device,
+        tta=args.tta,
     )
     return 0
 
@@ -306,9 +328,27 @@ def _add_train(sub: Any) -> None:
 
 
 def _add_evaluate(sub: Any) -> None:
-    p = sub.add_parser("evaluate", help="evaluate a checkpoint on full-size frames")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data-root", help="dataset folder (default: the one the run used)")
+    p = sub.add_parser(
+        "evaluate", help="evaluate a checkpoint or exported weights on full-size frames"
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a training checkpoint (.pt), an exported weights folder, a shipped name "
+        "(tiramisu list-pretrained) or a Hugging Face Hub id",
+    )
+    p.add_argument(
+        "--data-root",
+        help="dataset folder (default: the one the run used; required for exported weights)",
+    )
+    p.add_argument(
+        "--config",
+        help="exported weights: a run config whose data section describes a custom layout "
+        "(pair lists, suffixes, label_map, palette)",
+    )
+    p.add_argument(
+        "--tta", action="store_true", help="average with horizontally mirrored predictions"
+    )
     p.add_argument("--split", default="val", choices=["train", "val", "test"])
     p.add_argument("--json", help="also write the metrics to this JSON file")
     p.add_argument("--out", help="folder for the report and confusion matrix")

@@ -340,12 +340,21 @@ def load_pretrained(
     return model.eval(), config
 
 
+def is_training_checkpoint(path: str | Path) -> bool:
+    """A ``.pt``-like name (else: a pretrained directory, shipped name or Hub id).
+
+    A missing ``best.pt`` counts as a checkpoint too, so that the error names a missing
+    checkpoint rather than an unknown pretrained set."""
+    p = Path(path)
+    return not p.is_dir() and p.suffix in (".pt", ".pth", ".ckpt", ".bin")
+
+
 def load_any(
     path: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, dict[str, Any]]:
     """A training checkpoint (``.pt``) or a pretrained directory / Hub id -> (model, config)."""
     p = Path(path)
-    if p.is_file() and p.suffix in (".pt", ".pth", ".ckpt", ".bin"):
+    if is_training_checkpoint(p):
         from .checkpoint import load_checkpoint
 
         ckpt = load_checkpoint(p)

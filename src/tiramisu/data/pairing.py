@@ -212,12 +212,14 @@ def split_files(data: dict[str, Any], split: str) -> Split:
         if test is None:
             raise DataError("no test split configured (data.test_images / data.test_masks)")
         return Split(*test)
+    val = _explicit(data, "val")
+    if split == "val" and val is not None:
+        return Split(*val)  # evaluating needs no training data beside it
     train = _explicit(data, "train")
     if train is None:
         raise DataError("no training data configured (data.train_images / data.train_masks)")
-    val = _explicit(data, "val")
     if val is not None:
-        return Split(*(train if split == "train" else val))
+        return Split(*train)
     pairs, regions = train
     fraction, seed = float(data["val_fraction"]), int(data.get("split_seed") or 0)
     keep, held = hold_out(len(pairs), fraction, seed)

@@ -5,11 +5,11 @@
 - ``loop``: one training epoch and one evaluation pass (tensors in, numbers out)
 - ``run_folder``: checkpoints, history, TensorBoard, curves, the folder lock, best/early stop
 - ``trainer``: stages x epochs, resume
-- ``report``: the end-of-run report and evaluating a checkpoint on a split
+- ``report``: the end-of-run report, and evaluating a checkpoint or exported weights on a split
 """
 
 from .loop import EpochStats, TrainingDiverged, evaluate, train_one_epoch
-from .report import evaluate_checkpoint, write_report
+from .report import evaluate_checkpoint, evaluate_pretrained, write_report
 from .trainer import train
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "TrainingDiverged",
     "evaluate",
     "evaluate_checkpoint",
+    "evaluate_pretrained",
     "train",
     "train_one_epoch",
     "write_report",

@@ -131,8 +131,13 @@ def evaluate(
     channels_last: bool = False,
     criterion: nn.Module | None = None,
     progress: bool = False,
+    tta: bool = False,
 ) -> dict[str, Any]:
-    """Confusion-matrix metrics over ``loader`` (summed across processes when distributed)."""
+    """Confusion-matrix metrics over ``loader`` (summed across processes when distributed).
+
+    With ``tta`` the prediction averages the class probabilities of each image and its
+    horizontal mirror, as ``Segmenter.predict(tta=True)`` does (the loss stays the plain one).
+    """
     if bn_eval not in ("batch", "running"):
         raise TiramisuError(f"bn_eval must be batch or running, got {bn_eval!r}")
     was_training = model.training
@@ -155,7 +160,13 @@ def evaluate(
                 n = (targets != ignore_index).sum() if ignore_index is not None else targets.numel()
                 loss_sums[0] += criterion(logits, targets).double() * n
                 loss_sums[1] += n
-            cm.update(logits.argmax(1), targets)
+            if tta and logits.dim() == 4:
+                with autocast_context(device, amp):
+                    mirrored = model(images.flip(-1)).float().flip(-1)
+                prediction = (logits.softmax(1) + mirrored.softmax(1)).argmax(1)
+            else:
+                prediction = logits.argmax(1)
+            cm.update(prediction, targets)
     cm.all_reduce()
     if dist.is_available() and dist.is_initialized() and criterion is not None:
         dist.all_reduce(loss_sums)

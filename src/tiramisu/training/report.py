@@ -12,7 +12,7 @@ from torch import nn
 from ..checkpoint import load_checkpoint
 from ..config import RunConfig
 from ..data.builders import build_eval_dataset, make_loader
-from ..errors import CheckpointError
+from ..errors import CheckpointError, TiramisuError
 from ..fileio import atomic_write_text
 from ..hardware import resolve_device, resolve_precision
 from ..metrics import PAPER_CAMVID, format_report
@@ -133,25 +133,13 @@ def evaluate_checkpoint(
     json_path: Path | None = None,
     device: str = "auto",
     quiet: bool = False,
+    tta: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a training checkpoint on one split, single process, writing the report."""
-    from ..data import LabelSpec, label_spec
-
     overrides = [f"data.root={json.dumps(str(data_root))}"] if data_root is not None else []
     config = RunConfig.from_dict(ckpt["config"], where="checkpoint").with_overrides(overrides)
-    cfg = config.to_dict()
-    if config.task == "classification":
-        lab = ckpt["labels"]
-        labels = LabelSpec(
-            list(lab["classes"]), [tuple(c) for c in lab["colors"]], int(lab["ignore_index"])
-        )
-    else:
-        labels = label_spec(cfg["data"])  # also restores palettes / label maps for decoding
+    labels = _labels(config, ckpt["labels"])
     channels = int(ckpt["in_channels"])
-    dataset = build_eval_dataset(cfg, split, labels, channels)
-    if hasattr(dataset, "validate"):
-        dataset.validate()
-    dev = resolve_device(device)
     model = build_model(
         config.model.name,
         config.model.kwargs,
@@ -159,6 +147,124 @@ def evaluate_checkpoint(
         in_channels=channels,
     )
     load_model_state(model, ckpt["model"], "checkpoint")
+    source = {"epoch": ckpt.get("epoch"), "stage": ckpt.get("stage")}
+    return _evaluate_model(
+        model, config, labels, channels, split, source, out_dir, json_path, device, quiet, tta
+    )
+
+
+def evaluate_pretrained(
+    path_or_id: str | Path,
+    split: str,
+    data_root: str | None = None,
+    data_config: str | Path | None = None,
+    out_dir: Path | None = None,
+    json_path: Path | None = None,
+    device: str = "auto",
+    quiet: bool = False,
+    tta: bool = False,
+) -> dict[str, Any]:
+    """Evaluate exported weights (a folder, a shipped name or a Hub id) on a dataset split.
+
+    Exported weights keep the model, its classes and preprocessing but not where the data
+    lies nor how a custom layout pairs and decodes its masks: ``data_root`` is the dataset
+    folder, and ``data_config`` a run config whose ``data`` section describes a custom layout
+    (pair lists, suffixes, label maps, palettes). The weights' preprocessing always wins.
+    """
+    from ..pretrained import load_pretrained
+
+    model, pcfg = load_pretrained(path_or_id)
+    config = pretrained_run_config(pcfg, data_root, data_config, str(path_or_id))
+    labels = _labels(config, pcfg)
+    if labels.num_classes != len(pcfg["classes"]):
+        raise CheckpointError(
+            f"{path_or_id}: the weights predict {len(pcfg['classes'])} classes but the data "
+            f"config decodes masks into {labels.num_classes}"
+        )
+    channels = int(pcfg["preprocessing"]["channels"])
+    source = {"weights": str(path_or_id), "trained": pcfg.get("trained")}
+    return _evaluate_model(
+        model, config, labels, channels, split, source, out_dir, json_path, device, quiet, tta
+    )
+
+
+def _labels(config: RunConfig, recorded: dict[str, Any]) -> Any:
+    """Classifiers: the recorded classes; segmentation: the data config's, which also say how
+    masks decode (palettes, label maps)."""
+    from ..data import LabelSpec, label_spec
+
+    if config.task == "classification":
+        colors = [tuple(c) for c in recorded["colors"]]
+        return LabelSpec(list(recorded["classes"]), colors, int(recorded["ignore_index"]))
+    return label_spec(config.to_dict()["data"])
+
+
+def pretrained_run_config(
+    pcfg: dict[str, Any],
+    data_root: str | None,
+    data_config: str | Path | None,
+    source: str,
+) -> RunConfig:
+    """The run config that evaluates exported weights: their model, preprocessing, BN mode."""
+    from ..config import load_config
+
+    pre = pcfg["preprocessing"]
+    if data_config is not None:
+        data = load_config(data_config).to_dict()["data"]
+    else:
+        trained = (pcfg.get("trained") or {}).get("dataset")
+        if pcfg["task"] == "classification":
+            kind = trained if trained in ("cifar10", "imagefolder") else "imagefolder"
+        else:
+            kind = trained if trained in ("camvid", "synthetic") else "folder"
+        # 255 is the default, and naming it for two classes reads as a conflict (0/255 masks).
+        ignore = pcfg.get("ignore_index")
+        data = {
+            "dataset": kind,
+            "classes": list(pcfg["classes"]) if kind == "folder" else None,
+            "ignore_index": None if ignore == 255 else ignore,
+        }
+    if data_root is not None:
+        data["root"] = str(data_root)
+    if not data.get("root"):
+        raise TiramisuError(
+            f"{source}: exported weights do not record where their data is: give --data-root "
+            "(and --config with a data section for a custom layout)"
+        )
+    mean, std = pre.get("mean"), pre.get("std")
+    data.update(
+        normalize="unit" if mean is None else "mean_std",
+        mean=mean,
+        std=std,
+        channels=int(pre["channels"]),
+    )
+    raw = {
+        "task": pcfg["task"],
+        "model": {"name": pcfg["model_name"]},
+        "data": data,
+        "train": {"bn_eval": pcfg.get("bn_eval", "running"), "amp": "auto"},
+    }
+    return RunConfig.from_dict(raw, where=source)
+
+
+def _evaluate_model(
+    model: nn.Module,
+    config: RunConfig,
+    labels: Any,
+    channels: int,
+    split: str,
+    source: dict[str, Any],
+    out_dir: Path | None,
+    json_path: Path | None,
+    device: str,
+    quiet: bool,
+    tta: bool,
+) -> dict[str, Any]:
+    cfg = config.to_dict()
+    dataset = build_eval_dataset(cfg, split, labels, channels)
+    if hasattr(dataset, "validate"):
+        dataset.validate()
+    dev = resolve_device(device)
     model.to(dev)
     tcfg = config.train
     # "auto" in the checkpoint: this machine's choice
@@ -174,11 +280,10 @@ def evaluate_checkpoint(
         amp=amp,
         channels_last=channels_last,
         progress=not quiet,
+        tta=tta,
     )
     metrics.pop("loss", None)
-    metrics.update(
-        split=split, classes=labels.classes, epoch=ckpt.get("epoch"), stage=ckpt.get("stage")
-    )
+    metrics.update(split=split, classes=labels.classes, tta=tta, **source)
     if out_dir is not None:
         write_report(config, metrics, labels.classes, out_dir, split, quiet=quiet)
         if json_path is not None:
