@@ -28,6 +28,7 @@ from tiramisu.data import CAMVID_CLASSES, CAMVID_COLORS
 from tiramisu.hardware import flush_denormals
 from tiramisu.inference import colorize, legend_image
 from tiramisu.metrics import PAPER_CAMVID, format_report
+from tiramisu.training import evaluate_checkpoint
 
 
 def cpu_name() -> str:
@@ -81,7 +82,20 @@ def examples(segmenter: Segmenter, data_root: Path, dest: Path, count: int = 4) 
     return [f.stem for f in picked]
 
 
-def report(run: Path, out: Path, command: str, status: str, data_root: Path) -> dict:
+def flip_tta_line(run: Path, data_root: Path) -> str:
+    """best.pt on the val frames with flip test-time augmentation (not in the paper)."""
+    tta = evaluate_checkpoint(
+        load_checkpoint(run / "best.pt"), "val", data_root=str(data_root), quiet=True, tta=True
+    )
+    return (
+        f"- with flip test-time augmentation (`tiramisu evaluate --tta`, not used in the paper): "
+        f"val mIoU {100 * tta['miou']:.2f} %, global accuracy {100 * tta['global_accuracy']:.2f} %"
+    )
+
+
+def report(
+    run: Path, out: Path, command: str, status: str, data_root: Path, tta: bool = False
+) -> dict:
     ckpt = load_checkpoint(run / "best.pt")
     last = load_checkpoint(run / "last.pt")
     config, history = last["config"], last["history"]
@@ -106,6 +120,7 @@ def report(run: Path, out: Path, command: str, status: str, data_root: Path) -> 
         f"- val mIoU {100 * metrics['miou']:.2f} %, global accuracy "
         f"{100 * metrics['global_accuracy']:.2f} %, mean class accuracy "
         f"{100 * metrics['mean_class_accuracy']:.2f} %",
+        *([flip_tta_line(run, data_root)] if tta else []),
         f"- training wall time so far: {wall / 3600:.2f} h (train + validation, summed over "
         f"epochs)",
         f"- hardware: {machine}",
@@ -227,9 +242,12 @@ def main() -> None:
         default=Path("../shared/datasets/camvid"),
         help="CamVid, for the example predictions (skipped when it has no val/ folder)",
     )
+    parser.add_argument(
+        "--tta", action="store_true", help="also evaluate best.pt with flip TTA (minutes on CPU)"
+    )
     args = parser.parse_args()
     flush_denormals()  # as the CLI does: the checkpoint's subnormal weights slow some CPUs down
-    summary = report(args.run, args.out, args.command, args.status, args.data_root)
+    summary = report(args.run, args.out, args.command, args.status, args.data_root, args.tta)
     (args.out / f"{summary['model']}.json").write_text(json.dumps(summary, indent=2) + "\n")
     if args.publish:
         index = zoo.load_index()
