@@ -174,6 +174,9 @@ def write_index(out: Path) -> None:
         "Validation mIoU of the models trained with the paper's recipe (`configs/`), beside the",
         "paper's test-set figures; per-model reports (curves, per-class IoU, wall time, hardware,",
         "command) are linked. The weights ship with the package: `tiramisu list-pretrained`.",
+        "Check a shipped set on your copy of CamVid (the test split too, which is not here):",
+        "`tiramisu evaluate --checkpoint fcdensenet56-camvid --data-root PATH/TO/CamVid "
+        "--split test`.",
         "",
         "| model | status | epochs run | best epoch | val mIoU % | val global acc % | paper mIoU % "
         "(test) | report |",
