@@ -82,11 +82,9 @@ def examples(segmenter: Segmenter, data_root: Path, dest: Path, count: int = 4) 
     return [f.stem for f in picked]
 
 
-def flip_tta_line(run: Path, data_root: Path) -> str:
-    """best.pt on the val frames with flip test-time augmentation (not in the paper)."""
-    tta = evaluate_checkpoint(
-        load_checkpoint(run / "best.pt"), "val", data_root=str(data_root), quiet=True, tta=True
-    )
+def flip_tta_line(best: dict, data_root: Path) -> str:
+    """The best checkpoint on the val frames with flip test-time augmentation (not in the paper)."""
+    tta = evaluate_checkpoint(best, "val", data_root=str(data_root), quiet=True, tta=True)
     return (
         f"- with flip test-time augmentation (`tiramisu evaluate --tta`, not used in the paper): "
         f"val mIoU {100 * tta['miou']:.2f} %, global accuracy {100 * tta['global_accuracy']:.2f} %"
@@ -120,7 +118,7 @@ def report(
         f"- val mIoU {100 * metrics['miou']:.2f} %, global accuracy "
         f"{100 * metrics['global_accuracy']:.2f} %, mean class accuracy "
         f"{100 * metrics['mean_class_accuracy']:.2f} %",
-        *([flip_tta_line(run, data_root)] if tta else []),
+        *([flip_tta_line(ckpt, data_root)] if tta else []),
         f"- training wall time so far: {wall / 3600:.2f} h (train + validation, summed over "
         f"epochs)",
         f"- hardware: {machine}",

@@ -75,17 +75,24 @@ def test_val_fraction_holds_out_a_seeded_split(tmp_path):
         split_files(folder(tmp_path, val_images="valid/images")["data"], "val")
 
 
+def binary_run(root: Path) -> list[str]:
+    """Overrides for a tiny FC-DenseNet on the folder set that ``binary_set`` writes."""
+    return [
+        f"data.root={root}",
+        "data.dataset=folder",
+        "data.classes=[bg, fg]",
+        "data.crop_size=[32, 32]",
+        TINY,
+        "model.name=fcdensenet56",
+    ]
+
+
 def test_training_logs_which_files_were_held_out(tmp_path, capsys):
     binary_set(tmp_path, n=6)
     cfg = load_config(
         None,
         [
-            f"data.root={tmp_path}",
-            "data.dataset=folder",
-            "data.classes=[bg, fg]",
-            "data.crop_size=[32, 32]",
-            TINY,
-            "model.name=fcdensenet56",
+            *binary_run(tmp_path),
             "train.epochs=1",
             "train.amp=none",
             "data.val_fraction=0.34",
@@ -259,12 +266,7 @@ def budget_run(tmp_path, *overrides: str) -> list[dict]:
     """Train a tiny binary model for at most 100 epochs under ``overrides``; the history rows."""
     binary_set(tmp_path, n=8)
     common = [
-        f"data.root={tmp_path}",
-        "data.dataset=folder",
-        "data.classes=[bg, fg]",
-        "data.crop_size=[32, 32]",
-        TINY,
-        "model.name=fcdensenet56",
+        *binary_run(tmp_path),
         "train.epochs=100",
         "train.amp=none",
         "train.batch_size=2",

@@ -132,7 +132,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return 0
     # Exported weights may be a shipped name or live inside the installed package: the
     # report goes to the working directory, never beside them.
-    name = Path(str(args.checkpoint).rstrip("/")).name.replace("/", "_")
+    name = Path(str(args.checkpoint).rstrip("/")).name
     evaluate_pretrained(
         args.checkpoint,
         args.split,
