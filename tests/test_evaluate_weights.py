@@ -64,7 +64,8 @@ def test_exported_weights_evaluate_exactly_as_their_checkpoint(trained, tmp_path
     assert main(export) == 0
     from_checkpoint = evaluate_checkpoint(load_checkpoint(run / "best.pt"), "val", quiet=True)
     capsys.readouterr()
-    args = ["evaluate", "--checkpoint", str(weights), "--data-root", str(root)]
+    # --amp none: on a CPU with native bf16 "auto" would evaluate the weights in bf16
+    args = ["evaluate", "--checkpoint", str(weights), "--data-root", str(root), "--amp", "none"]
     assert main([*args, "--json", str(tmp_path / "m.json"), "--out", str(tmp_path / "ev")]) == 0
     assert "mean IoU" in capsys.readouterr().out
     from_weights = json.loads((tmp_path / "m.json").read_text())
@@ -82,8 +83,9 @@ def test_flip_tta_metrics_are_those_of_segmenter_predict_with_tta(trained, tmp_p
     images = sorted((root / "val" / "images").glob("*.png"))
     masks = [root / "val" / "masks" / p.name for p in images]
     segmenter = Segmenter.from_pretrained(weights)
-    plain = evaluate_pretrained(weights, "val", data_root=str(root), quiet=True)
-    flipped = evaluate_pretrained(weights, "val", data_root=str(root), quiet=True, tta=True)
+    fp32 = {"data_root": str(root), "quiet": True, "amp": "none"}  # Segmenter.predict is fp32
+    plain = evaluate_pretrained(weights, "val", **fp32)
+    flipped = evaluate_pretrained(weights, "val", tta=True, **fp32)
     assert plain["confusion_matrix"] == cm_of(segmenter, images, masks, tta=False)
     assert flipped["confusion_matrix"] == cm_of(segmenter, images, masks, tta=True)
     assert flipped["confusion_matrix"] != plain["confusion_matrix"]  # the mirror changed pixels
@@ -113,7 +115,8 @@ def test_own_layout_is_described_by_config_and_counted_like_predict(tmp_path):
         "  mask_suffix: _gt\n  classes: [c0, c1, c2]\n  normalize: imagenet\n"
     )
     got = evaluate_pretrained(
-        weights, "val", data_root=str(root), data_config=layout, quiet=True, device="cpu"
+        weights, "val", data_root=str(root), data_config=layout, quiet=True, device="cpu",
+        amp="none",
     )
     images = sorted((root / "pics").glob("*.png"))
     masks = [root / "labels" / f"{p.stem}_gt.png" for p in images]

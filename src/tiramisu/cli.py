@@ -128,6 +128,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             json_path=json_path,
             device=args.device,
             tta=args.tta,
+            amp=args.amp,
         )
         return 0
     # Exported weights may be a shipped name or live inside the installed package: the
@@ -142,6 +143,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         json_path=json_path,
         device=args.device,
         tta=args.tta,
+        amp=args.amp or "auto",
     )
     return 0
 
@@ -353,6 +355,12 @@ def _add_evaluate(sub: Any) -> None:
     p.add_argument("--json", help="also write the metrics to this JSON file")
     p.add_argument("--out", help="folder for the report and confusion matrix")
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--amp",
+        choices=["auto", "none", "bf16", "fp16"],
+        help="precision (default: a checkpoint's training setting; auto for exported weights, "
+        "bf16 where the hardware has it); none gives fp32 figures",
+    )
     p.set_defaults(func=cmd_evaluate)
 
 

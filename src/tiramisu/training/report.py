@@ -134,9 +134,15 @@ def evaluate_checkpoint(
     device: str = "auto",
     quiet: bool = False,
     tta: bool = False,
+    amp: str | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a training checkpoint on one split, single process, writing the report."""
+    """Evaluate a training checkpoint on one split, single process, writing the report.
+
+    ``amp`` None keeps the precision the run trained with ("auto" resolves on this machine).
+    """
     overrides = [f"data.root={json.dumps(str(data_root))}"] if data_root is not None else []
+    if amp is not None:
+        overrides.append(f"train.amp={amp}")
     config = RunConfig.from_dict(ckpt["config"], where="checkpoint").with_overrides(overrides)
     labels = _labels(config, ckpt["labels"])
     channels = int(ckpt["in_channels"])
@@ -163,6 +169,7 @@ def evaluate_pretrained(
     device: str = "auto",
     quiet: bool = False,
     tta: bool = False,
+    amp: str = "auto",
 ) -> dict[str, Any]:
     """Evaluate exported weights (a folder, a shipped name or a Hub id) on a dataset split.
 
@@ -174,7 +181,7 @@ def evaluate_pretrained(
     from ..pretrained import load_pretrained
 
     model, pcfg = load_pretrained(path_or_id)
-    config = pretrained_run_config(pcfg, data_root, data_config, str(path_or_id))
+    config = pretrained_run_config(pcfg, data_root, data_config, str(path_or_id), amp)
     labels = _labels(config, pcfg)
     if labels.num_classes != len(pcfg["classes"]):
         raise CheckpointError(
@@ -204,6 +211,7 @@ def pretrained_run_config(
     data_root: str | None,
     data_config: str | Path | None,
     source: str,
+    amp: str = "auto",
 ) -> RunConfig:
     """The run config that evaluates exported weights: their model, preprocessing, BN mode."""
     from ..config import load_config
@@ -242,7 +250,7 @@ def pretrained_run_config(
         "task": pcfg["task"],
         "model": {"name": pcfg["model_name"]},
         "data": data,
-        "train": {"bn_eval": pcfg.get("bn_eval", "running"), "amp": "auto"},
+        "train": {"bn_eval": pcfg.get("bn_eval", "running"), "amp": amp},
     }
     return RunConfig.from_dict(raw, where=source)
 
