@@ -10,6 +10,9 @@ from typing import Any
 
 from .errors import TiramisuError
 
+# The precisions evaluate, predict and app accept (auto: bf16 where the hardware has it).
+AMP_CHOICES = ["auto", "none", "bf16", "fp16"]
+
 
 def _parse_size(text: str) -> tuple[int, int]:
     try:
@@ -357,7 +360,7 @@ def _add_evaluate(sub: Any) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument(
         "--amp",
-        choices=["auto", "none", "bf16", "fp16"],
+        choices=AMP_CHOICES,
         help="precision (default: a checkpoint's training setting; auto for exported weights, "
         "bf16 where the hardware has it); none gives fp32 figures",
     )
@@ -387,7 +390,7 @@ def _add_predict(sub: Any) -> None:
     p.add_argument(
         "--amp",
         default="none",
-        choices=["none", "auto", "bf16", "fp16"],
+        choices=AMP_CHOICES,
         help="reduced precision (auto: bf16 where the hardware has it; ~1.8x faster on a "
         "bf16 CPU, masks may differ from fp32 at a few pixels)",
     )
@@ -454,7 +457,7 @@ def _add_app(sub: Any) -> None:
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--device", default="auto")
-    p.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"])
+    p.add_argument("--amp", default="auto", choices=AMP_CHOICES)
     p.set_defaults(func=cmd_app)
 
 
