@@ -12,7 +12,7 @@ import pytest
 from helpers import tiny_pretrained
 from PIL import Image
 
-from tiramisu.app import SegmentationApp, class_areas, legend_html
+from tiramisu.app import SegmentationApp, app_title, class_areas, legend_html
 from tiramisu.inference import Segmenter, colorize, overlay
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -36,6 +36,17 @@ def photo(tmp_path_factory):
     path = tmp_path_factory.mktemp("in") / "street.png"
     Image.fromarray(image).save(path)
     return path
+
+
+def test_app_title_names_the_model_not_just_the_file():
+    config = {"model_name": "fcdensenet56", "architecture": "FCDenseNet"}
+    assert app_title("runs/camvid/best.pt", config) == "tiramisu: fcdensenet56 (camvid/best.pt)"
+    assert app_title("weights", config) == "tiramisu: fcdensenet56 (weights)"
+    # a set name that already says the architecture is not repeated
+    assert app_title("fcdensenet56-camvid", config) == "tiramisu: fcdensenet56-camvid"
+    assert app_title("w/model.onnx", {"architecture": "FCDenseNet"}) == (
+        "tiramisu: FCDenseNet (w/model.onnx)"
+    )
 
 
 def test_app_logic_matches_the_segmenter(weights, photo, tmp_path):

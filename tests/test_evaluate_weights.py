@@ -115,7 +115,12 @@ def test_own_layout_is_described_by_config_and_counted_like_predict(tmp_path):
         "  mask_suffix: _gt\n  classes: [c0, c1, c2]\n  normalize: imagenet\n"
     )
     got = evaluate_pretrained(
-        weights, "val", data_root=str(root), data_config=layout, quiet=True, device="cpu",
+        weights,
+        "val",
+        data_root=str(root),
+        data_config=layout,
+        quiet=True,
+        device="cpu",
         amp="none",
     )
     images = sorted((root / "pics").glob("*.png"))

@@ -140,6 +140,16 @@ def build_app(segmenter: Segmenter, title: str = "tiramisu", out_dir: Path | Non
     return demo
 
 
+def app_title(checkpoint: str, config: dict[str, Any]) -> str:
+    """The page title: the architecture and where it came from.
+
+    A bare file name (``best.pt``) or folder name (``weights``) says nothing about the model, so
+    the title names the architecture and keeps the last two parts of the path."""
+    source = "/".join(Path(checkpoint).parts[-2:]) or checkpoint
+    model = config.get("model_name") or config.get("architecture") or "model"
+    return f"tiramisu: {model} ({source})" if model not in source else f"tiramisu: {source}"
+
+
 def launch(
     checkpoint: str,
     host: str = "127.0.0.1",
@@ -158,7 +168,7 @@ def launch(
     segmenter = Segmenter.load(
         checkpoint, device=dev, amp=amp_mode, channels_last=amp_mode != "none"
     )
-    demo = build_app(segmenter, title=f"tiramisu: {Path(str(checkpoint)).name}")
+    demo = build_app(segmenter, title=app_title(str(checkpoint), segmenter.config))
     demo.launch(
         server_name=host,
         server_port=port,
