@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from tiramisu import Segmenter, zoo
@@ -29,28 +26,7 @@ from tiramisu.hardware import flush_denormals
 from tiramisu.inference import colorize, legend_image
 from tiramisu.metrics import PAPER_CAMVID, format_report
 from tiramisu.training import evaluate_checkpoint
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def hardware(config: dict, precision: dict | None) -> str:
-    # Checkpoints record the precision this machine resolved "auto" to; older ones only
-    # had it in the config.
-    chosen = precision or config["train"]
-    amp, cl = chosen["amp"], chosen["channels_last"]
-    if torch.cuda.is_available():
-        device = torch.cuda.get_device_name()
-    else:
-        device = f"{cpu_name()}, {os.cpu_count()} cores"
-    return f"{device}; torch {torch.__version__}; amp {amp}, channels_last {cl}"
+from tiramisu.training.report import format_machine_segments, machine_segments
 
 
 def examples(segmenter: Segmenter, data_root: Path, dest: Path, count: int = 4) -> list[str]:
@@ -97,7 +73,7 @@ def report(
     ckpt = load_checkpoint(run / "best.pt")
     last = load_checkpoint(run / "last.pt")
     config, history = last["config"], last["history"]
-    machine = hardware(config, last.get("precision"))
+    segments = machine_segments(history)
     metrics = ckpt["val_metrics"]
     name = config["model"]["name"]
     wall = sum(r.get("train_time_s", 0) + r.get("val_time_s", 0) for r in history)
@@ -121,7 +97,6 @@ def report(
         *([flip_tta_line(ckpt, data_root)] if tta else []),
         f"- training wall time so far: {wall / 3600:.2f} h (train + validation, summed over "
         f"epochs)",
-        f"- hardware: {machine}",
         f"- recipe: configs/{Path(command.split('--config ')[-1].split()[0]).name}"
         if "--config " in command
         else "- recipe: see config.yaml",
@@ -131,6 +106,11 @@ def report(
         "```bash",
         command,
         "```",
+        "",
+        "Where it trained (consecutive epochs on one machine in one precision; runs move between",
+        "the machines that sessions are given):",
+        "",
+        format_machine_segments(segments),
         "",
         "Per-class IoU on the 101 validation frames beside the paper's Table 3 (test set):",
         "",
@@ -160,7 +140,14 @@ def report(
         "best_stage": best["stage"],
         "epochs_run": len(history),
         "wall_hours": wall / 3600,
-        "hardware": machine,
+        "machines": [
+            {k: seg[k] for k in ("stage", "first_epoch", "last_epoch", "machine", "precision")}
+            | {
+                "train_images_per_s": round(seg["train_images_per_s"], 3),
+                "hours": round(seg["wall_seconds"] / 3600, 3),
+            }
+            for seg in segments
+        ],
     }
 
 

@@ -338,6 +338,8 @@ def test_auto_precision_stays_auto_in_the_run_and_resolves_on_each_machine(
     def machine(native: bool) -> None:
         for module in (hardware, trainer):
             monkeypatch.setattr(module, "native_bf16", lambda device: native)
+        name = "bf16 box" if native else "AVX2 box"
+        monkeypatch.setattr(trainer, "describe_machine", lambda device: name)
 
     out = tmp_path / "run"
     machine(True)
@@ -376,6 +378,85 @@ def test_auto_precision_stays_auto_in_the_run_and_resolves_on_each_machine(
     assert "amp none, channels_last True" in log
     assert "warning: train.channels_last=true in fp32 on the CPU" in log
     assert load_checkpoint(out / "last.pt")["precision"]["channels_last"] is True
+
+    # Every epoch's record says where and how it ran, so a report can account for each one.
+    history = load_checkpoint(out / "last.pt")["history"]
+    assert [(r["epoch"], r["machine"], r["precision"]) for r in history] == [
+        (1, "bf16 box", "bf16 + channels_last"),
+        (2, "AVX2 box", "fp32"),
+        (3, "AVX2 box", "bf16 + channels_last"),
+        (4, "AVX2 box", "fp32 + channels_last"),
+    ]
+    rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [r["machine"] for r in rows] == [r["machine"] for r in history]
+
+
+def test_machine_segments_account_for_every_epoch_of_a_resumed_run():
+    from tiramisu.training.report import format_machine_segments, machine_segments
+
+    def rec(stage, epoch, machine, precision="fp32", img_s=2.0, train_s=100.0, val_s=20.0):
+        r = {"stage": stage, "epoch": epoch, "train_images_per_s": img_s, "train_time_s": train_s}
+        if val_s is not None:
+            r["val_time_s"] = val_s
+        if machine is not None:  # records from before epochs kept their machine
+            r.update(machine=machine, precision=precision)
+        return r
+
+    history = [
+        rec("train", 1, None, img_s=1.0),
+        rec("train", 2, None, img_s=3.0, train_s=300.0),
+        rec("train", 3, "A", img_s=2.0, val_s=None),
+        rec("train", 4, "A", img_s=4.0),
+        rec("train", 5, "A", precision="bf16 + channels_last"),
+        rec("train", 6, "B"),
+        rec("finetune", 1, "B", train_s=1000.0, val_s=800.0),
+    ]
+    segments = machine_segments(history)
+    got = [
+        (s["stage"], s["first_epoch"], s["last_epoch"], s["epochs"], s["machine"], s["precision"])
+        for s in segments
+    ]
+    assert got == [
+        ("train", 1, 2, 2, "not recorded", "not recorded"),
+        ("train", 3, 4, 2, "A", "fp32"),
+        ("train", 5, 5, 1, "A", "bf16 + channels_last"),
+        ("train", 6, 6, 1, "B", "fp32"),
+        ("finetune", 1, 1, 1, "B", "fp32"),
+    ]
+    # Throughput is images over seconds for the stretch, not a mean of the epochs' rates:
+    # (100 * 1 + 300 * 3) / 400 = 2.5 img/s; wall time includes validation where there was one.
+    assert segments[0]["train_images_per_s"] == pytest.approx(2.5)
+    assert segments[0]["wall_seconds"] == pytest.approx(440.0)
+    assert segments[1]["train_images_per_s"] == pytest.approx(3.0)
+    assert segments[1]["wall_seconds"] == pytest.approx(220.0)  # epoch 3 had no validation
+    table = format_machine_segments(segments).splitlines()
+    assert len(table) == 2 + 5
+    assert table[2] == "| 1-2 | train | not recorded | not recorded | 2.50 | 0.12 |"
+    assert table[6] == "| 1 | finetune | B | fp32 | 2.00 | 0.50 |"
+    # A gap in the epochs (a run restarted from an earlier checkpoint) starts a new stretch.
+    gap = machine_segments([rec("train", 1, "A"), rec("train", 3, "A")])
+    assert [(s["first_epoch"], s["last_epoch"]) for s in gap] == [(1, 1), (3, 3)]
+
+
+def test_machine_description_names_what_decides_the_speed(monkeypatch):
+    import tiramisu.hardware as hardware
+
+    monkeypatch.setattr(hardware, "cpu_model_name", lambda: "Some CPU 9000")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(hardware, "_cpu_native_bf16", lambda: True)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 7)
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libtcmalloc_minimal.so.4")
+    torch_version = torch.__version__.split("+")[0]
+    assert hardware.describe_machine(torch.device("cpu")) == (
+        f"Some CPU 9000 (AVX512, native bf16), 7 threads, tcmalloc; torch {torch_version}"
+    )
+    monkeypatch.setattr(hardware, "_cpu_native_bf16", lambda: False)
+    monkeypatch.delenv("LD_PRELOAD")
+    assert hardware.describe_machine(torch.device("cpu")) == (
+        f"Some CPU 9000 (AVX512), 7 threads; torch {torch_version}"
+    )
+    assert hardware.precision_label("none", False) == "fp32"
+    assert hardware.precision_label("fp16", True) == "fp16 + channels_last"
 
 
 def test_cpu_bf16_is_native_only_with_avx512_bf16_or_amx(monkeypatch):

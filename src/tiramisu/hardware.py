@@ -9,8 +9,11 @@ has the measurements behind these defaults.
 from __future__ import annotations
 
 import contextlib
+import os
+import platform
 import sys
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -109,6 +112,43 @@ def _cpu_native_bf16() -> bool:
     if probe_bf16 is not None and probe_amx is not None and probe_x86 is not None and probe_x86():
         return bool(probe_bf16() or probe_amx())
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def cpu_model_name() -> str:
+    """The CPU's marketing name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def describe_machine(device: torch.device) -> str:
+    """What a training epoch ran on, as one line for the run's history and reports.
+
+    Epoch times of one run differ 4x between the machines it is resumed on (BENCHMARKS.md), so
+    the history keeps, per epoch, what decides them: the GPU, or the CPU with the instruction set
+    PyTorch dispatches to, its bf16 support, the threads used and whether tcmalloc was preloaded.
+    """
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        text = torch.cuda.get_device_name(index)
+    else:
+        isa = torch.backends.cpu.get_cpu_capability()
+        if _cpu_native_bf16():
+            isa += ", native bf16"
+        text = f"{cpu_model_name()} ({isa}), {torch.get_num_threads()} threads"
+        if "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
+            text += ", tcmalloc"
+    return f"{text}; torch {torch.__version__.split('+')[0]}"
+
+
+def precision_label(amp: str, channels_last: bool) -> str:
+    """``fp32``, ``bf16``, ``fp16``, with ``+ channels_last`` when that layout was used."""
+    text = "fp32" if amp == "none" else amp
+    return f"{text} + channels_last" if channels_last else text
 
 
 def resolve_channels_last(channels_last: Any, amp: str) -> bool:

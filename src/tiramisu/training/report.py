@@ -114,6 +114,67 @@ def write_report(
     return text
 
 
+NOT_RECORDED = "not recorded"
+
+
+def machine_segments(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A run's history cut into stretches of consecutive epochs of one stage that ran on the
+    same machine in the same precision, with their throughput and wall time.
+
+    Long runs are resumed on whatever machine a session gets, so a single "hardware" line would
+    misreport most of the epochs. Records written before epochs kept their machine (or by
+    another tool) fall into stretches whose machine and precision are ``"not recorded"``.
+    """
+    segments: list[dict[str, Any]] = []
+    for record in history:
+        machine = record.get("machine") or NOT_RECORDED
+        precision = record.get("precision") or NOT_RECORDED
+        seconds = float(record.get("train_time_s") or 0.0)
+        images = float(record.get("train_images_per_s") or 0.0) * seconds
+        wall = seconds + float(record.get("val_time_s") or 0.0)
+        last = segments[-1] if segments else None
+        if (
+            last is None
+            or (last["stage"], last["machine"], last["precision"])
+            != (record["stage"], machine, precision)
+            or record["epoch"] != last["last_epoch"] + 1
+        ):
+            last = {
+                "stage": record["stage"],
+                "first_epoch": record["epoch"],
+                "last_epoch": record["epoch"],
+                "machine": machine,
+                "precision": precision,
+                "train_images": 0.0,
+                "train_seconds": 0.0,
+                "wall_seconds": 0.0,
+            }
+            segments.append(last)
+        last["last_epoch"] = record["epoch"]
+        last["train_images"] += images
+        last["train_seconds"] += seconds
+        last["wall_seconds"] += wall
+    for seg in segments:
+        seg["epochs"] = seg["last_epoch"] - seg["first_epoch"] + 1
+        seg["train_images_per_s"] = seg["train_images"] / max(seg["train_seconds"], 1e-9)
+    return segments
+
+
+def format_machine_segments(segments: list[dict[str, Any]]) -> str:
+    """:func:`machine_segments` as a Markdown table, one row per stretch."""
+    rows = [
+        "| epochs | stage | machine | precision | train img/s | hours (train + val) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in segments:
+        span = f"{s['first_epoch']}-{s['last_epoch']}" if s["epochs"] > 1 else str(s["last_epoch"])
+        rows.append(
+            f"| {span} | {s['stage']} | {s['machine']} | {s['precision']} | "
+            f"{s['train_images_per_s']:.2f} | {s['wall_seconds'] / 3600:.2f} |"
+        )
+    return "\n".join(rows)
+
+
 def load_model_state(model: nn.Module, state: dict[str, Any], source: str) -> None:
     try:
         model.load_state_dict(state)

@@ -19,7 +19,7 @@ from ..checkpoint import FORMAT, load_checkpoint, rng_state, set_rng_state
 from ..config import RunConfig, TrainConfig
 from ..data.builders import build_run_data, make_loader, with_crop
 from ..errors import TiramisuError
-from ..hardware import native_bf16, resolve_precision
+from ..hardware import describe_machine, native_bf16, precision_label, resolve_precision
 from ..imageio import set_max_pixels
 from ..models import build_model
 from .loop import EpochStats, evaluate, train_one_epoch
@@ -98,6 +98,11 @@ class Trainer:
         self.requested = self.config
         self.config = self._resolve_precision(self.config)
         tcfg = self.config.train
+        # Each epoch's record says where it ran: a run resumed across machines is otherwise
+        # impossible to account for (its epoch times and precision change with the machine).
+        self.machine = describe_machine(self.rt.device)
+        if self.rt.world_size > 1:
+            self.machine += f"; {self.rt.world_size} processes"
         seed_everything(tcfg.seed)
         set_deterministic(tcfg.deterministic)
         self.log(f"device {self.rt.device}, amp {tcfg.amp}, channels_last {tcfg.channels_last}")
@@ -403,6 +408,8 @@ class Trainer:
             "train_accuracy": stats.accuracy,
             "train_images_per_s": stats.images / max(stats.seconds, 1e-9),
             "train_time_s": stats.seconds,
+            "machine": self.machine,
+            "precision": precision_label(self.config.train.amp, self.config.train.channels_last),
         }
         if stats.stopped_early:
             record["partial_epoch"] = True
