@@ -67,6 +67,24 @@ def flip_tta_line(best: dict, data_root: Path) -> str:
     )
 
 
+def recent_val_line(history: list[dict], count: int = 10) -> str:
+    """The last validated epochs' mIoU, beside the best epoch's.
+
+    The best epoch is chosen on the validation frames themselves, so its score is the top of a
+    noisy series (epoch-to-epoch swings of 2-3 points here) and flatters the model; the recent
+    mean is what a reader should expect from a late epoch picked without looking.
+    """
+    scores = [r["val_miou"] for r in history if r.get("val_miou") is not None][-count:]
+    if not scores:
+        return "- no validated epoch yet"
+    mean = sum(scores) / len(scores)
+    return (
+        f"- val mIoU over the last {len(scores)} validated epochs: mean {100 * mean:.2f} %, "
+        f"range {100 * min(scores):.2f}-{100 * max(scores):.2f} % (the best epoch is picked on "
+        f"these same frames, so its score is optimistic)"
+    )
+
+
 def report(
     run: Path, out: Path, command: str, status: str, data_root: Path, tta: bool = False
 ) -> dict:
@@ -94,6 +112,7 @@ def report(
         f"- val mIoU {100 * metrics['miou']:.2f} %, global accuracy "
         f"{100 * metrics['global_accuracy']:.2f} %, mean class accuracy "
         f"{100 * metrics['mean_class_accuracy']:.2f} %",
+        recent_val_line(history),
         *([flip_tta_line(ckpt, data_root)] if tta else []),
         f"- training wall time so far: {wall / 3600:.2f} h (train + validation, summed over "
         f"epochs)",
