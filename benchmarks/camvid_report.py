@@ -4,7 +4,7 @@
         --name fcdensenet56-camvid --publish --command "..."
 
 writes ``results/camvid/<model>.md`` (learning curves, best epoch, val mIoU / global accuracy /
-per-class IoU beside the paper's Table 3, wall time, hardware, the command), copies the curves
+per-class IoU beside the paper's Table 3, wall time, hardware, the command), draws the curves
 next to it, and with ``--publish`` exports ``best.pt`` as the fp16 set ``--name`` inside the
 package (``tiramisu.from_pretrained(name)``), recording its metrics in the pretrained index.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ from tiramisu.data import CAMVID_CLASSES, CAMVID_COLORS
 from tiramisu.hardware import flush_denormals
 from tiramisu.inference import colorize, legend_image
 from tiramisu.metrics import PAPER_CAMVID, format_report
+from tiramisu.plots import plot_history
 from tiramisu.training import evaluate_checkpoint
 from tiramisu.training.report import format_machine_segments, machine_segments
 
@@ -97,9 +97,9 @@ def report(
     wall = sum(r.get("train_time_s", 0) + r.get("val_time_s", 0) for r in history)
     figures = out / name
     figures.mkdir(parents=True, exist_ok=True)
-    for png in ("loss.png", "miou.png", "accuracy.png"):
-        if (run / png).exists():
-            shutil.copyfile(run / png, figures / png)
+    # Drawn afresh from the history rather than copied from the run folder, whose curves are
+    # whatever the training process's (possibly older) code drew.
+    plot_history(history, figures, "segmentation")
     table = format_report(metrics, list(CAMVID_CLASSES), PAPER_CAMVID.get(name))
     best = ckpt["best"]
     lines = [

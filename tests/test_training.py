@@ -500,3 +500,23 @@ def test_cli_flushes_subnormals_in_every_worker_thread(through_cli):
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True
     ).stdout
     assert f"nonzero {0 if through_cli else 1 << 20}" in out
+
+
+def test_curves_mark_the_running_best_and_the_epoch_best_pt_holds():
+    import matplotlib.pyplot as plt
+
+    from tiramisu.plots import best_so_far, mark_best
+
+    nan = float("nan")
+    running = best_so_far([nan, 60.0, 64.0, 62.0, nan, 65.0, 63.0])
+    assert running[0] != running[0]  # nothing validated yet: NaN
+    assert running[1:] == [60.0, 64.0, 64.0, 64.0, 65.0, 65.0]
+    assert best_so_far([9.0, 7.0, 8.0, 6.5], lower_is_better=True) == [9.0, 7.0, 7.0, 6.5]
+
+    fig, ax = plt.subplots()
+    names = ["epoch 1", "epoch 2", "finetune epoch 1", "finetune epoch 2"]
+    mark_best(ax, [1, 2, 3, 4], [50.0, 71.26, 70.0, 71.0], names, lower_is_better=False)
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert set(lines) == {"best so far", "best 71.3 % (epoch 2)"}
+    assert list(lines["best 71.3 % (epoch 2)"].get_xdata()) == [2]
+    plt.close(fig)

@@ -24,6 +24,32 @@ def _save(fig: Any, path: Path) -> None:
         plt.close(fig)
 
 
+def best_so_far(values: list[float], lower_is_better: bool = False) -> list[float]:
+    """The running best of a validation series (NaN where nothing was validated yet)."""
+    out: list[float] = []
+    best = float("nan")
+    for v in values:
+        if not np.isnan(v) and (np.isnan(best) or (v < best if lower_is_better else v > best)):
+            best = v
+        out.append(best)
+    return out
+
+
+def mark_best(
+    ax: Any, x: list[int], values: list[float], names: list[str], lower_is_better: bool
+) -> None:
+    """The running best as a step line and the best point labelled: a noisy validation curve
+    (2-3 points between CamVid epochs) hides both where the run stands and which epoch
+    ``best.pt`` holds."""
+    running = best_so_far(values, lower_is_better)
+    if all(np.isnan(v) for v in running):
+        return
+    ax.step(x, running, where="post", color="grey", lw=1, ls="--", label="best so far")
+    best = running[-1]
+    i = values.index(best)
+    ax.plot([x[i]], [best], "o", color="black", ms=4, label=f"best {best:.1f} % ({names[i]})")
+
+
 def plot_history(
     history: list[dict[str, Any]], out_dir: str | Path, task: str = "segmentation"
 ) -> None:
@@ -31,7 +57,12 @@ def plot_history(
     out_dir = Path(out_dir)
     if not history:
         return
-    x = list(range(1, len(history) + 1))
+    x = list(range(1, len(history) + 1))  # stages follow each other; each restarts at epoch 1
+    stages = {h["stage"] for h in history}
+    names = [
+        f"{h['stage']} epoch {h['epoch']}" if len(stages) > 1 else f"epoch {h['epoch']}"
+        for h in history
+    ]
 
     def series(key: str) -> list[float]:
         return [
@@ -54,15 +85,19 @@ def plot_history(
 
     fig, ax = plt.subplots(figsize=(6, 4))
     if task == "classification":
-        ax.plot(x, [100 * (1 - v) for v in series("val_accuracy")], label="val top-1 error")
+        val = [100 * (1 - v) for v in series("val_accuracy")]
+        ax.plot(x, val, label="val top-1 error")
         ax.plot(x, [100 * (1 - v) for v in series("train_accuracy")], label="train top-1 error")
+        mark_best(ax, x, val, names, lower_is_better=True)
         ax.set(xlabel="epoch", ylabel="%", title="Top-1 error")
-        ax.legend()
         name = "error.png"
     else:
-        ax.plot(x, [100 * v for v in series("val_miou")], label="val mean IoU")
+        val = [100 * v for v in series("val_miou")]
+        ax.plot(x, val, label="val mean IoU")
+        mark_best(ax, x, val, names, lower_is_better=False)
         ax.set(xlabel="epoch", ylabel="%", title="Validation mean IoU")
         name = "miou.png"
+    ax.legend()
     stage_lines(ax)
     _save(fig, out_dir / name)
 
