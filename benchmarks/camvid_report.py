@@ -94,7 +94,7 @@ def report(
     segments = machine_segments(history)
     metrics = ckpt["val_metrics"]
     name = config["model"]["name"]
-    wall = sum(r.get("train_time_s", 0) + r.get("val_time_s", 0) for r in history)
+    wall = sum(seg["wall_seconds"] for seg in segments)
     figures = out / name
     figures.mkdir(parents=True, exist_ok=True)
     # Drawn afresh from the history rather than copied from the run folder, whose curves are

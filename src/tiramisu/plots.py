@@ -39,8 +39,8 @@ def mark_best(
     ax: Any, x: list[int], values: list[float], names: list[str], lower_is_better: bool
 ) -> None:
     """The running best as a step line and the best point labelled: a noisy validation curve
-    (2-3 points between CamVid epochs) hides both where the run stands and which epoch
-    ``best.pt`` holds."""
+    (2-3 points between CamVid epochs) hides where the run stands. The point is ``best.pt``'s
+    epoch when the run monitors this curve's metric (``train.monitor``, mIoU by default)."""
     running = best_so_far(values, lower_is_better)
     if all(np.isnan(v) for v in running):
         return

@@ -103,6 +103,7 @@ class Trainer:
         self.machine = describe_machine(self.rt.device)
         if self.rt.world_size > 1:
             self.machine += f"; {self.rt.world_size} processes"
+        self.precision = precision_label(tcfg.amp, tcfg.channels_last)
         seed_everything(tcfg.seed)
         set_deterministic(tcfg.deterministic)
         self.log(f"device {self.rt.device}, amp {tcfg.amp}, channels_last {tcfg.channels_last}")
@@ -409,7 +410,7 @@ class Trainer:
             "train_images_per_s": stats.images / max(stats.seconds, 1e-9),
             "train_time_s": stats.seconds,
             "machine": self.machine,
-            "precision": precision_label(self.config.train.amp, self.config.train.channels_last),
+            "precision": self.precision,
         }
         if stats.stopped_early:
             record["partial_epoch"] = True
