@@ -122,6 +122,46 @@ def test_finetune_stage_runs_on_full_frames(scenes, tmp_path):
     assert rows[1]["lr"] == pytest.approx(1e-4)
 
 
+def test_early_stopping_patience_is_counted_per_stage_and_rechecked_on_resume(scenes, tmp_path):
+    # SGD at lr 1e-12 leaves the weights as they are (to float32 precision, but for zero-valued
+    # biases moving by ~1e-12), so every evaluation after the first scores the same: no
+    # improvement, and each stage runs exactly as many epochs as its patience allows.
+    out = tmp_path / "es"
+    overrides = tiny_overrides(scenes, epochs=6) + [
+        "train.optimizer=sgd",
+        "train.lr=1e-12",
+        "train.weight_decay=0",
+        "train.patience=2",
+        "finetune.enabled=true",
+        "finetune.epochs=6",
+        "finetune.batch_size=2",
+        "finetune.lr=1e-12",
+        "finetune.patience=2",
+    ]
+    train(load_config(None, overrides), out, quiet=True)
+
+    def stages() -> list[tuple[str, int]]:
+        rows = [json.loads(x) for x in (out / "history.jsonl").read_text().splitlines()]
+        return [(r["stage"], r["epoch"]) for r in rows]
+
+    # The first stage stops 2 evaluations after its best (epoch 1); fine-tuning gets its own 2.
+    assert stages() == [("train", 1), ("train", 2), ("train", 3), ("finetune", 1), ("finetune", 2)]
+    ckpt = load_checkpoint(out / "last.pt")
+    assert (ckpt["stage"], ckpt["bad_epochs"], ckpt["stopped"]) == ("finetune", 2, True)
+    assert ckpt["best"] == {"metric": ckpt["best"]["metric"], "epoch": 1, "stage": "train"}
+
+    # A checkpoint from before the fix carried the first stage's count into fine-tuning; the
+    # count is rebuilt from the history, and a larger patience on resume continues the stage.
+    ckpt["bad_epochs"] = 99
+    atomic_save(ckpt, out / "last.pt")
+    assert main(["train", "--out", str(out), "--resume", "--set", "finetune.patience=3"]) == 0
+    assert stages()[-2:] == [("finetune", 2), ("finetune", 3)]
+    assert load_checkpoint(out / "last.pt")["bad_epochs"] == 3
+    # Resuming a stage that early stopping ended (with the same patience) trains nothing more.
+    assert main(["train", "--out", str(out), "--resume", "--set", "finetune.patience=3"]) == 0
+    assert len(stages()) == 6
+
+
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_good_checkpoint(
     scenes, tmp_path, monkeypatch
 ):

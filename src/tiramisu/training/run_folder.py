@@ -172,11 +172,33 @@ class RunFolder:
         self.lock.release()
 
 
+def stage_bad_epochs(history: list[dict[str, Any]], stage: str, best: dict[str, Any]) -> int:
+    """Evaluations without improvement in ``stage``, counted from the history.
+
+    Patience is per stage: fine-tuning starts from the best model with a count of zero (its
+    best may still be a first-stage epoch, which it has to beat to replace ``best.pt``). The
+    count is rebuilt from the history, not read from the checkpoint, so that runs saved while
+    the count leaked across stages (before 2026-12-04 fine-tuning stopped after its first
+    epoch, still counting the first stage's evaluations) resume correctly.
+    """
+    count = 0
+    for record in reversed(history):
+        if record.get("stage") != stage:
+            break  # stages follow each other, so this stage's records are the last ones
+        if record.get("stage") == best.get("stage") and record.get("epoch") == best.get("epoch"):
+            break
+        if "val_loss" in record:
+            count += 1
+    return count
+
+
 def tracker_from_state(state: dict[str, Any] | None) -> BestTracker:
     if state is None:
         return BestTracker()
     best = state["best"]
-    return BestTracker(best["metric"], best["epoch"], best["stage"], int(state["bad_epochs"]))
+    history = state.get("history")
+    bad = stage_bad_epochs(history, state["stage"], best) if history else int(state["bad_epochs"])
+    return BestTracker(best["metric"], best["epoch"], best["stage"], bad)
 
 
-__all__ = ["BestTracker", "RunFolder", "RunLock", "tracker_from_state"]
+__all__ = ["BestTracker", "RunFolder", "RunLock", "stage_bad_epochs", "tracker_from_state"]

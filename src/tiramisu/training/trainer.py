@@ -238,9 +238,23 @@ class Trainer:
         scheduler = build_scheduler(optimizer, scfg)
         scaler = torch.amp.GradScaler("cuda", enabled=scfg.amp == "fp16")
         start = 0
-        if state is not None:
+        if state is None:
+            tracker.bad_epochs = 0  # patience counts within a stage (the paper's fine-tuning)
+        else:
             start = self._restore(state, optimizer, scheduler, scaler, scfg)
-            self.log(f"resuming {stage} at epoch {start + 1}")
+            if tracker.exhausted(scfg.patience):
+                # Decided afresh with the current config, so that resuming with a larger
+                # --set <stage>.patience continues a run that early stopping ended.
+                start = scfg.epochs
+                self.log(
+                    f"{stage} stage already ended by early stopping ({tracker.bad_epochs} "
+                    f"evaluations without improvement, patience {scfg.patience})"
+                )
+            else:
+                self.log(
+                    f"resuming {stage} at epoch {start + 1} ({tracker.bad_epochs} evaluations "
+                    f"without improvement, patience {scfg.patience})"
+                )
         model = self._wrap(scfg)
         train_ds = self.data["train"]
         if stage == "finetune" and self.config.task == "segmentation":
@@ -348,7 +362,7 @@ class Trainer:
         for group in optimizer.param_groups:
             group["lr"] = scfg.lr * lr_factor(scfg)(scheduler.last_epoch)
             group["weight_decay"] = scfg.weight_decay
-        return scfg.epochs if state.get("stopped") else int(state["epoch"])
+        return int(state["epoch"])
 
     def _wrap(self, scfg: TrainConfig) -> nn.Module:
         model = self.model
