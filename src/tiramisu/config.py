@@ -388,7 +388,12 @@ class FinetuneConfig:
     epochs: int = opt(250, "maximum fine-tuning epochs", integer(1))
     batch_size: int = opt(1, "fine-tuning batch size", integer(1))
     lr: float = opt(1.0e-4, "fine-tuning learning rate", number(0, 10, lo_open=True))
-    patience: int | None = opt(50, "fine-tuning early-stopping patience", integer(1, None, True))
+    patience: int | None = opt(
+        50,
+        "fine-tuning early-stopping patience, counted from the stage's start; best.pt changes "
+        "only when fine-tuning beats the first stage's best",
+        integer(1, None, True),
+    )
     crop_size: list | None = opt(None, "fine-tuning crop; null = full frames", crop_size())
 
 
