@@ -209,7 +209,7 @@ GPU_PLAN = """\
 ## What the untrained sets need: a session with a GPU
 
 FC-DenseNet67/103 are out of reach of a 2-core CPU (FC-DenseNet56 takes 4-11 min per epoch
-of 224x224 crops here, and 21 min per epoch of its full-frame fine-tuning). A session lent
+of 224x224 crops here, and 21-57 min per epoch of its full-frame fine-tuning). A session lent
 the `device` machine (15 min of device time including its start of a few minutes, 10 min per
 command, at most 64 MiB of working tree in, at most 8 files of 16 MiB back) has to plan
 around sizes and minutes:
