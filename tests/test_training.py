@@ -499,6 +499,22 @@ def test_machine_description_names_what_decides_the_speed(monkeypatch):
     assert hardware.precision_label("fp16", True) == "fp16 + channels_last"
 
 
+def test_cpu_name_tells_apart_cpus_a_hypervisor_names_alike():
+    from tiramisu.hardware import cpu_model_name
+
+    def cpuinfo(name: str, family: int, model: int) -> str:
+        block = f"processor\t: {{}}\nvendor_id\t: AuthenticAMD\ncpu family\t: {family}\n"
+        block += f"model\t\t: {model}\nmodel name\t: {name}\nstepping\t: 2\n"
+        # A second processor block with other values must not leak into the name.
+        return block.format(0) + "\n" + block.format(1).replace(f": {model}\n", ": 99\n")
+
+    assert cpu_model_name(cpuinfo("AMD EPYC", 23, 1)) == "AMD EPYC family 23 model 1"
+    assert cpu_model_name(cpuinfo("AMD EPYC", 25, 1)) == "AMD EPYC family 25 model 1"
+    # A name that carries its model number stays as the vendor wrote it.
+    named = "AMD EPYC 7763 64-Core Processor"
+    assert cpu_model_name(cpuinfo(named, 25, 1)) == named
+
+
 def test_cpu_bf16_is_native_only_with_avx512_bf16_or_amx(monkeypatch):
     """oneDNN calls bf16 "supported" on any AVX512 CPU, where it is emulated (1.6x slower than
     fp32 for a FC-DenseNet56 step on an AVX512 Xeon without AVX512-BF16): auto must pick fp32."""
