@@ -85,6 +85,17 @@ def recent_val_line(history: list[dict], count: int = 10) -> str:
     )
 
 
+def epoch_minutes(segments: list[dict]) -> dict[str, list[float]]:
+    """Per stage, the shortest and longest whole epoch (train + validation) in minutes."""
+    spans: dict[str, list[float]] = {}
+    for seg in segments:
+        if seg["epoch_minutes"] is None:
+            continue
+        lo, hi = spans.get(seg["stage"], seg["epoch_minutes"])
+        spans[seg["stage"]] = [min(lo, seg["epoch_minutes"][0]), max(hi, seg["epoch_minutes"][1])]
+    return {stage: [round(lo, 1), round(hi, 1)] for stage, (lo, hi) in spans.items()}
+
+
 def report(
     run: Path, out: Path, command: str, status: str, data_root: Path, tta: bool = False
 ) -> dict:
@@ -127,7 +138,8 @@ def report(
         "```",
         "",
         "Where it trained (consecutive epochs on one machine in one precision; runs move between",
-        "the machines that sessions are given):",
+        "the machines that sessions are given; minutes and hours include validation, and a wide",
+        "range of minutes under one label means the label covers machines of different speed):",
         "",
         format_machine_segments(segments),
         "",
@@ -159,11 +171,14 @@ def report(
         "best_stage": best["stage"],
         "epochs_run": len(history),
         "wall_hours": wall / 3600,
+        "epoch_minutes": epoch_minutes(segments),
         "machines": [
             {k: seg[k] for k in ("stage", "first_epoch", "last_epoch", "machine", "precision")}
             | {
                 "train_images_per_s": round(seg["train_images_per_s"], 3),
                 "hours": round(seg["wall_seconds"] / 3600, 3),
+                "epoch_minutes": seg["epoch_minutes"]
+                and [round(m, 1) for m in seg["epoch_minutes"]],
             }
             for seg in segments
         ],
@@ -199,7 +214,19 @@ def write_index(out: Path) -> None:
             )
         else:
             rows.append(f"| {entry.model} | {entry.notes} | 0 | - | - | - | {paper} | - |")
-    (out / "README.md").write_text("\n".join(rows) + "\n\n" + GPU_PLAN)
+    cpu_times = ""
+    reference = out / "fcdensenet56.json"
+    if reference.exists():
+        spans = json.loads(reference.read_text()).get("epoch_minutes", {})
+        stages = {"train": "of 224x224 crops", "finetune": "of its full-frame fine-tuning"}
+        cpu_times = ", and ".join(
+            f"{spans[stage][0]:.0f}-{spans[stage][1]:.0f} min per epoch {what}"
+            for stage, what in stages.items()
+            if stage in spans
+        )
+    if cpu_times:
+        cpu_times = f" (FC-DenseNet56 takes {cpu_times}, validation included)"
+    (out / "README.md").write_text("\n".join(rows) + "\n\n" + GPU_PLAN.format(cpu_times=cpu_times))
 
 
 # What a session lent the `device` GPU machine has to plan around, worked out on 2026-11-23 and
@@ -208,11 +235,10 @@ def write_index(out: Path) -> None:
 GPU_PLAN = """\
 ## What the untrained sets need: a session with a GPU
 
-FC-DenseNet67/103 are out of reach of a 2-core CPU (FC-DenseNet56 takes 4-11 min per epoch
-of 224x224 crops here, and 21-57 min per epoch of its full-frame fine-tuning). A session lent
-the `device` machine (15 min of device time including its start of a few minutes, 10 min per
-command, at most 64 MiB of working tree in, at most 8 files of 16 MiB back) has to plan
-around sizes and minutes:
+FC-DenseNet67/103 are out of reach of a 2-core CPU{cpu_times}.
+A session lent the `device` machine (15 min of device time including its start of a few
+minutes, 10 min per command, at most 64 MiB of working tree in, at most 8 files of 16 MiB
+back) has to plan around sizes and minutes:
 
 - The tracked tree is ~27 MB. CamVid's PNGs (119 MB) do not travel;
   `python benchmarks/pack_camvid.py ../shared/datasets/camvid .camvid_pack` re-encodes train +

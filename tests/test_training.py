@@ -471,8 +471,22 @@ def test_machine_segments_account_for_every_epoch_of_a_resumed_run():
     assert segments[1]["wall_seconds"] == pytest.approx(220.0)  # epoch 3 had no validation
     table = format_machine_segments(segments).splitlines()
     assert len(table) == 2 + 5
-    assert table[2] == "| 1-2 | train | not recorded | not recorded | 2.50 | 0.12 |"
-    assert table[6] == "| 1 | finetune | B | fp32 | 2.00 | 0.50 |"
+    assert table[2] == "| 1-2 | train | not recorded | not recorded | 2.50 | 2-5 | 0.12 |"
+    assert table[3] == "| 3-4 | train | A | fp32 | 3.00 | 2 | 0.06 |"
+    assert table[6] == "| 1 | finetune | B | fp32 | 2.00 | 30 | 0.50 |"
+    # Epoch lengths count whole validated epochs only: one cut short by a time budget, or one
+    # without validation, would put a figure in the range that no real epoch takes.
+    cut = {**rec("train", 2, "A", train_s=60.0), "partial_epoch": True}
+    timed = machine_segments(
+        [rec("train", 1, "A", train_s=580.0), cut, rec("train", 3, "A", val_s=None)]
+    )
+    assert timed[0]["epoch_minutes"] == pytest.approx((10.0, 10.0))
+    unvalidated = machine_segments([rec("train", 1, "A", val_s=None)])
+    assert unvalidated[0]["epoch_minutes"] is None
+    assert (
+        format_machine_segments(unvalidated).splitlines()[2]
+        == "| 1 | train | A | fp32 | 2.00 | - | 0.03 |"
+    )
     # A gap in the epochs (a run restarted from an earlier checkpoint) starts a new stretch.
     gap = machine_segments([rec("train", 1, "A"), rec("train", 3, "A")])
     assert [(s["first_epoch"], s["last_epoch"]) for s in gap] == [(1, 1), (3, 3)]

@@ -124,6 +124,9 @@ def machine_segments(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     Long runs are resumed on whatever machine a session gets, so a single "hardware" line would
     misreport most of the epochs. Records written before epochs kept their machine (or by
     another tool) fall into stretches whose machine and precision are ``"not recorded"``.
+    Each stretch also keeps its shortest and longest epoch in minutes (train + validation), over
+    whole validated epochs only: one cut short by a time budget would widen the range with a
+    figure no epoch takes. A label can cover machines of different speed, and the range shows it.
     """
     segments: list[dict[str, Any]] = []
     for record in history:
@@ -148,8 +151,13 @@ def machine_segments(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "train_images": 0.0,
                 "train_seconds": 0.0,
                 "wall_seconds": 0.0,
+                "epoch_minutes": None,
             }
             segments.append(last)
+        if not record.get("partial_epoch") and record.get("val_time_s") is not None:
+            minutes = wall / 60
+            lo, hi = last["epoch_minutes"] or (minutes, minutes)
+            last["epoch_minutes"] = (min(lo, minutes), max(hi, minutes))
         last["last_epoch"] = record["epoch"]
         last["train_images"] += images
         last["train_seconds"] += seconds
@@ -163,14 +171,19 @@ def machine_segments(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def format_machine_segments(segments: list[dict[str, Any]]) -> str:
     """:func:`machine_segments` as a Markdown table, one row per stretch."""
     rows = [
-        "| epochs | stage | machine | precision | train img/s | hours (train + val) |",
-        "|---|---|---|---|---|---|",
+        "| epochs | stage | machine | precision | train img/s | min per epoch | hours |",
+        "|---|---|---|---|---|---|---|",
     ]
     for s in segments:
         span = f"{s['first_epoch']}-{s['last_epoch']}" if s["epochs"] > 1 else str(s["last_epoch"])
+        if s["epoch_minutes"] is None:
+            minutes = "-"
+        else:
+            lo, hi = (round(m) for m in s["epoch_minutes"])
+            minutes = str(lo) if lo == hi else f"{lo}-{hi}"
         rows.append(
             f"| {span} | {s['stage']} | {s['machine']} | {s['precision']} | "
-            f"{s['train_images_per_s']:.2f} | {s['wall_seconds'] / 3600:.2f} |"
+            f"{s['train_images_per_s']:.2f} | {minutes} | {s['wall_seconds'] / 3600:.2f} |"
         )
     return "\n".join(rows)
 
