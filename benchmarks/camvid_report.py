@@ -206,9 +206,11 @@ def write_index(out: Path) -> None:
         summary_path = out / f"{entry.model}.json"
         if summary_path.exists():
             s = json.loads(summary_path.read_text())
+            # Epochs count from 1 again in the fine-tuning stage, so a bare number is ambiguous.
+            best_epoch = f"{s.get('best_stage', '')} {s['best_epoch']}".strip()
             rows.append(
                 f"| {entry.model} | {entry.notes or 'trained'} | {s['epochs_run']} | "
-                f"{s['best_epoch']} | {100 * s['val_miou']:.1f} | "
+                f"{best_epoch} | {100 * s['val_miou']:.1f} | "
                 f"{100 * s['val_global_accuracy']:.1f} | {paper} | "
                 f"[{entry.model}.md]({entry.model}.md) |"
             )
@@ -295,7 +297,13 @@ def main() -> None:
             notes=args.status,
             metrics={
                 k: summary[k]
-                for k in ("val_miou", "val_global_accuracy", "best_epoch", "epochs_run")
+                for k in (
+                    "val_miou",
+                    "val_global_accuracy",
+                    "best_epoch",
+                    "best_stage",
+                    "epochs_run",
+                )
             },
         )
         print(f"published {entry.name}: {entry.sha256}")
