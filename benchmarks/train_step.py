@@ -79,12 +79,9 @@ ALLOCATORS = {
 
 def baselines(rows: list[dict]) -> dict[tuple[str, str], dict]:
     """Per (model, size), the row that speed-up and memory ratio are measured against."""
-    rank = {mode: i for i, mode in enumerate(BASELINE_MODES)}
     base: dict[tuple[str, str], dict] = {}
-    for r in rows:
-        key, pos = (r["model"], r["size"]), rank.get(r["mode"])
-        if pos is not None and (key not in base or pos < rank[base[key]["mode"]]):
-            base[key] = r
+    for mode in reversed(BASELINE_MODES):  # the preferred mode is written last, so it wins
+        base |= {(r["model"], r["size"]): r for r in rows if r["mode"] == mode}
     return base
 
 
